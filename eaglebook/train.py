@@ -325,3 +325,29 @@ def _default_reporters() -> list[str]:
         return ["tensorboard"]
     except ImportError:
         return []
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder the Trainer wrote, if any (what a resume starts from)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+
+def train_draft(draft: Eagle3Draft, lm_head_weight: torch.Tensor, train_dataset, eval_dataset=None,
+                output_dir: str = "runs/train", profile: str = "cpu", resume: bool = True,
+                callbacks: list | None = None, **overrides) -> EagleTrainer:
+    """Train `draft` with TTT; resumes from the last checkpoint in `output_dir` when there is one.
+
+    Logs go to TensorBoard (when installed) and to `{output_dir}/log.csv`; pass
+    `report_to=["wandb"]` to add Weights & Biases.
+    """
+    args, ttt_steps, max_length = training_arguments(output_dir, profile, **overrides)
+    trainer = EagleTrainer(model=draft, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                           data_collator=lambda rows: collate(rows, max_length), lm_head_weight=lm_head_weight,
+                           ttt_steps=ttt_steps, callbacks=[CSVLogger(Path(output_dir) / "log.csv"), *(callbacks or [])])
+    ckpt = last_checkpoint(output_dir) if resume else None
+    if ckpt:
+        print(f"Resuming from {ckpt}")
+    trainer.train(resume_from_checkpoint=ckpt)
+    return trainer

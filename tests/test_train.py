@@ -177,3 +177,60 @@ def test_training_lowers_loss_and_beats_untrained(tmp_path):
     assert after["eval_acc_0"] > before["eval_acc_0"] + 0.2
     assert after["eval_loss"] < before["eval_loss"]
     assert {"train_acc_0", "train_tau_sim", "train_cond_acc_2"} <= set(trainer.state.log_history[0])
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    from transformers import TrainerCallback
+    from test_train import _dataset, _target
+    from eaglebook.draft import build_draft
+    from eaglebook.train import train_draft
+
+    out, die_at = sys.argv[1], int(sys.argv[2])
+
+    class Die(TrainerCallback):  # a hard kill: no cleanup, no final save
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == die_at:
+                os._exit(3)
+
+    target = _target(seed=7, sharp=40.0)
+    rows = _dataset(target, n=32)
+    torch.manual_seed(0)
+    draft = build_draft(target)
+    tr = train_draft(draft, target.lm_head.weight, rows, output_dir=out, profile="cpu", ttt_steps=2,
+                     max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
+                     save_steps=5, report_to=[], bf16=False, callbacks=[Die()] if die_at else [])
+    json.dump([h for h in tr.state.log_history if "loss" in h], open(os.path.join(out, "losses.json"), "w"))
+""")
+
+
+def test_killed_training_resumes_on_the_same_curve(tmp_path):
+    """A run killed after its step-5 checkpoint resumes there, on the same batch order:
+    its losses for steps 6..12 match the uninterrupted run's."""
+    import pathlib
+
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT.format(tests=str(pathlib.Path(__file__).parent)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = lambda out, die: subprocess.run([sys.executable, str(script), str(out), str(die)], env=env,  # noqa: E731
+                                          capture_output=True, text=True, timeout=300)
+    full = run(tmp_path / "full", 0)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = run(tmp_path / "killed", 7)
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    assert (tmp_path / "killed" / "checkpoint-5").is_dir() and not (tmp_path / "killed" / "losses.json").exists()
+    resumed = run(tmp_path / "killed", 0)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resuming from" in resumed.stdout
+    a = {h["step"]: h["loss"] for h in json.loads((tmp_path / "full" / "losses.json").read_text())}
+    b = {h["step"]: h["loss"] for h in json.loads((tmp_path / "killed" / "losses.json").read_text())}
+    assert sorted(a) == sorted(b) == list(range(1, 13))  # the checkpoint carries steps 1..5
+    for step in range(1, 13):
+        assert b[step] == pytest.approx(a[step], rel=1e-3), step
+    # the CSV log holds the whole curve, before and after the kill
+    import csv
+
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "killed" / "log.csv")) if r.get("loss")]
+    assert steps[:5] == [1, 2, 3, 4, 5] and steps[-1] == 12
