@@ -45,17 +45,26 @@ FORMATS = ("eagle3", "speculators", "eagle-sglang", "eagle-vllm")
 
 def _default_aux_layers(num_layers: int) -> list[int]:
     # HF convention (contracts section 2); the same tensors every engine picks by default.
+    # (eaglebook.hidden_states.default_aux_layers says the same; kept local so export has no
+    # dependency on the capture code.)
     return [2, num_layers // 2, num_layers - 3]
 
 
-def aux_layers_record(draft_config) -> dict:
-    """The draft's aux layers in both conventions, and whether they are pinned (non-default)."""
+def draft_aux_layers(draft_config) -> dict:
+    """The draft's aux layers in both conventions: {"hf", "sglang", "default"}.
+
+    "sglang" is None when an HF index has no SGLang id: 0 (the embedding output) and N (the
+    final, normed state; SGLang id N-1 would be the un-normed output of the last layer).
+    "default" says whether these are the (2, N//2, N-3) every engine picks on its own.
+    """
     n = getattr(draft_config, "target_num_hidden_layers", None)
     hf = getattr(draft_config, "aux_layers", None)
     default = _default_aux_layers(n) if n else None
-    hf = list(hf) if hf is not None else default
-    return {"hf": hf, "sglang": [j - 1 for j in hf] if hf is not None else None,
-            "pinned": hf is not None and default is not None and list(hf) != default}
+    hf = [int(j) for j in hf] if hf is not None else default
+    sglang = None
+    if hf is not None and all(1 <= j < (n if n else j + 1) for j in hf):
+        sglang = [j - 1 for j in hf]
+    return {"hf": hf, "sglang": sglang, "default": hf is None or hf == default}
 
 
 # --------------------------------------------------------------------------------------
@@ -113,8 +122,12 @@ def eagle3_config(draft: Eagle3Draft) -> dict:
          "draft_vocab_size": cfg.draft_vocab_size,
          "target_hidden_size": cfg.target_hidden_size,
          "norm_before_residual": False}  # residual = fc output, before hidden_norm (vLLM's flag)
-    aux = aux_layers_record(cfg)
-    if aux["pinned"]:
+    aux = draft_aux_layers(cfg)
+    if not aux["default"]:
+        if aux["sglang"] is None:
+            raise DraftError(f"aux layers HF {aux['hf']} include the embedding output (0) or the final normed "
+                             "state (N), which SGLang cannot capture: this head serves only through vLLM "
+                             "(export_speculators)")
         # SGLang reads only the nested list (its convention); vLLM's top-level list wins there.
         d["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": aux["sglang"], "use_aux_hidden_state": True}
         d["eagle_aux_hidden_state_layer_ids"] = aux["hf"]
@@ -125,7 +138,7 @@ def speculators_config(draft: Eagle3Draft, verifier_name_or_path: str, verifier_
                        speculative_tokens: int = 3) -> dict:
     """config.json in vllm-project/speculators' EAGLE-3 format."""
     cfg = draft.config
-    aux = aux_layers_record(cfg)
+    aux = draft_aux_layers(cfg)
     layer = {"architectures": ["LlamaForCausalLM"], **_llama_fields(cfg, draft.fc.weight.dtype)}
     return {
         "architectures": ["Eagle3DraftModel"],
@@ -134,7 +147,7 @@ def speculators_config(draft: Eagle3Draft, verifier_name_or_path: str, verifier_
         "draft_vocab_size": cfg.draft_vocab_size,
         "target_hidden_size": cfg.target_hidden_size,
         # HF convention; null lets the reader take the default (2, N//2, N-3)
-        "eagle_aux_hidden_state_layer_ids": aux["hf"] if aux["pinned"] else None,
+        "eagle_aux_hidden_state_layer_ids": None if aux["default"] else aux["hf"],
         # vLLM assumes True when this is absent for speculators configs; ours is False
         "norm_before_residual": False,
         "norm_before_fc": False,
@@ -302,7 +315,7 @@ def _sidecar(draft, provenance: dict, fmt: str, weights_sha: str) -> dict:
         raise DraftError(f"provenance lacks {missing}; build it with eaglebook.export.head_provenance(target, tokenizer)")
     side = dict(provenance)
     side.setdefault("eaglebook_version", __version__)
-    side.update({"format": fmt, "aux_layers": aux_layers_record(draft.config),
+    side.update({"format": fmt, "aux_layers": draft_aux_layers(draft.config),
                  "draft_vocab_size": draft.config.draft_vocab_size,
                  "head": "eagle3" if isinstance(draft, Eagle3Draft) else "eagle1",
                  "weights_sha256": weights_sha})

@@ -150,7 +150,7 @@ def test_eagle3_dir_matches_the_serving_contract(tiny_llama, eagle3, tmp_path):
     assert "eagle_config" not in cfg and "eagle_aux_hidden_state_layer_ids" not in cfg  # default layers
     assert ex.check_export(tmp_path / "e3")["format"] == "eagle3"
     side = json.loads((tmp_path / "e3" / "eaglebook.json").read_text())
-    assert side["aux_layers"] == {"hf": [2, 4, 5], "sglang": [1, 3, 4], "pinned": False}
+    assert side["aux_layers"] == {"hf": [2, 4, 5], "sglang": [1, 3, 4], "default": True}
     assert side["weights_fingerprint"] and side["vocab_source"] and side["eaglebook_version"]
 
 
@@ -161,6 +161,12 @@ def test_pinned_layers_are_written_in_both_conventions(tiny_llama, tmp_path):
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 4, 7]  # vLLM (HF) convention, top level
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 3, 6]  # SGLang convention
     assert ex.load_draft(tmp_path / "p", tiny_llama).config.aux_layers == [1, 4, 7]
+    # HF index N (the final, normed state) has no SGLang id: only the vLLM-side export takes it
+    last = build_draft(tiny_llama, aux_layers=(2, 4, 8))
+    with pytest.raises(DraftError, match="SGLang cannot capture"):
+        ex.export_eagle3(last, tmp_path / "q", tiny_llama, ex.head_provenance(tiny_llama))
+    ex.export_speculators(last, tmp_path / "r", tiny_llama, ex.head_provenance(tiny_llama), verifier_name_or_path="v")
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["eagle_aux_hidden_state_layer_ids"] == [2, 4, 8]
 
 
 def test_vllm_accepts_every_key(tiny_llama, eagle3, tmp_path):
