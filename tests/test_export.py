@@ -275,3 +275,45 @@ def test_export_refuses_a_head_that_does_not_fit_its_target(tiny_llama, eagle3, 
     with pytest.raises(DraftError, match="provenance lacks"):
         ex.export_eagle3(eagle3, tmp_path / "w", tiny_llama, {"target": "x"})
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Other target families and RoPE forms
+# ---------------------------------------------------------------------------------------------
+
+def test_qwen3_target_exports_a_llama_draft(tmp_path):
+    """Qwen3's head_dim * heads != hidden: the draft must carry head_dim explicitly."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+                      tie_word_embeddings=False)
+    target = Qwen3ForCausalLM(cfg).eval()
+    head = _randomize(build_draft(target))
+    ex.export_eagle3(head, tmp_path / "q", target, ex.head_provenance(target))
+    c = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert c["model_type"] == "llama" and c["head_dim"] == 32 and c["num_attention_heads"] == 4
+    t = _tensors(tmp_path / "q")
+    assert t["midlayer.self_attn.q_proj.weight"].shape == (128, 128)  # 4 heads x 32, from 2H = 128
+    assert t["midlayer.self_attn.o_proj.weight"].shape == (64, 128)
+    back = ex.load_draft(tmp_path / "q", target)
+    ids, feats, pos = torch.randint(0, 1000, (1, 5)), torch.randn(1, 5, 192), torch.arange(5)[None]
+    assert torch.equal(head(ids, feats, pos).logits, back(ids, feats, pos).logits)
+
+
+def test_scaled_rope_is_written_in_both_forms(tmp_path):
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
+    torch.manual_seed(0)
+    target = LlamaForCausalLM(tiny_llama_config(rope_parameters=rope, max_position_embeddings=8192)).eval()
+    head = _randomize(build_draft(target))
+    ex.export_eagle3(head, tmp_path / "r", target, ex.head_provenance(target))
+    c = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert c["rope_parameters"]["rope_type"] == "llama3" and c["rope_theta"] == 500000.0
+    assert c["rope_scaling"]["factor"] == 8.0 and c["rope_scaling"]["rope_type"] == "llama3"
+    assert c["max_position_embeddings"] == 8192
+    back = ex.load_draft(tmp_path / "r", target)
+    assert back.config.rope_parameters["rope_type"] == "llama3"
+    ids, feats, pos = torch.randint(0, 4000, (1, 5)), torch.randn(1, 5, 192), torch.arange(2000, 2005)[None]
+    assert torch.equal(head(ids, feats, pos).logits, back(ids, feats, pos).logits)
