@@ -38,10 +38,25 @@ def check_03(r):
     draft_dir = Path(r["draft_dir"])
     assert (draft_dir / "config.json").is_file() and (draft_dir / "eaglebook.json").is_file()
 
+def check_02(r):
+    assert r["aux_layers_hf"] == [2, 15, 27] and r["aux_layers_sglang"] == [1, 14, 26]
+    assert r["sequences"] == 16 and r["tokens"] > 16 * 20
+    assert r["shards_written"] >= 2  # shard_mb 2.0 splits the CI store
+    # bf16: 4 x 576 x 2 B of features + 4 B id + 1 B mask per token, plus small safetensors headers.
+    assert r["bytes_per_token_formula"] == 4 * 576 * 2 + 5
+    assert r["bytes_per_token_formula"] <= r["bytes_per_token"] < 1.05 * r["bytes_per_token_formula"]
+    assert r["capture_tok_s"] > 0 and r["plain_forward_tok_s"] > 0  # timings are reported, not asserted
+    assert r["resume_regenerated"] == 1 and r["resume_reused"] == r["shards_written"] - 1
+    assert r["online_min_cosine"] > 0.99
+    assert all(0 < e < 0.06 for e in r["fp8_token_rel_err"] + r["fp8_channel_rel_err"])
+    assert 79.9 < r["example_32b_mib_per_2k_sample"] < 80.1
+    assert r["rtx3090_llama8b_batch_at_2048"] >= 1
+
 
 CHECKS = {
     "00-setup-check": check_00,
     "03-draft-head": check_03,
+    "02-hidden-states": check_02,
 }
 
 
