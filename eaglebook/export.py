@@ -10,7 +10,8 @@ One canonical on-disk format: the EAGLE-3 directory that SGLang and vLLM both lo
 
 No embedding is stored: both engines share the target's. Exports for other readers:
   - `export_speculators`: vllm-project/speculators' format (vLLM's native path; `layers.0.*`
-    keys, `speculators_config`, `transformer_layer_config`);
+    keys, `speculators_config`, `transformer_layer_config`, and a copy of the target's
+    embedding, which speculators' own reader needs);
   - `export_eagle(..., engine="sglang" | "vllm")`: an EAGLE-1/2 head for SGLang's
     `LlamaForCausalLMEagle` (fc.bias present) or vLLM's `EagleLlamaForCausalLM` (no fc.bias).
 `load_draft` reads all of them back and refuses a missing, unknown or misshapen tensor,
@@ -44,17 +45,26 @@ FORMATS = ("eagle3", "speculators", "eagle-sglang", "eagle-vllm")
 
 def _default_aux_layers(num_layers: int) -> list[int]:
     # HF convention (contracts section 2); the same tensors every engine picks by default.
+    # (eaglebook.hidden_states.default_aux_layers says the same; kept local so export has no
+    # dependency on the capture code.)
     return [2, num_layers // 2, num_layers - 3]
 
 
-def aux_layers_record(draft_config) -> dict:
-    """The draft's aux layers in both conventions, and whether they are pinned (non-default)."""
+def draft_aux_layers(draft_config) -> dict:
+    """The draft's aux layers in both conventions: {"hf", "sglang", "default"}.
+
+    "sglang" is None when an HF index has no SGLang id: 0 (the embedding output) and N (the
+    final, normed state; SGLang id N-1 would be the un-normed output of the last layer).
+    "default" says whether these are the (2, N//2, N-3) every engine picks on its own.
+    """
     n = getattr(draft_config, "target_num_hidden_layers", None)
     hf = getattr(draft_config, "aux_layers", None)
     default = _default_aux_layers(n) if n else None
-    hf = list(hf) if hf is not None else default
-    return {"hf": hf, "sglang": [j - 1 for j in hf] if hf is not None else None,
-            "pinned": hf is not None and default is not None and list(hf) != default}
+    hf = [int(j) for j in hf] if hf is not None else default
+    sglang = None
+    if hf is not None and all(1 <= j < (n if n else j + 1) for j in hf):
+        sglang = [j - 1 for j in hf]
+    return {"hf": hf, "sglang": sglang, "default": hf is None or hf == default}
 
 
 # --------------------------------------------------------------------------------------
@@ -112,8 +122,12 @@ def eagle3_config(draft: Eagle3Draft) -> dict:
          "draft_vocab_size": cfg.draft_vocab_size,
          "target_hidden_size": cfg.target_hidden_size,
          "norm_before_residual": False}  # residual = fc output, before hidden_norm (vLLM's flag)
-    aux = aux_layers_record(cfg)
-    if aux["pinned"]:
+    aux = draft_aux_layers(cfg)
+    if not aux["default"]:
+        if aux["sglang"] is None:
+            raise DraftError(f"aux layers HF {aux['hf']} include the embedding output (0) or the final normed "
+                             "state (N), which SGLang cannot capture: this head serves only through vLLM "
+                             "(export_speculators)")
         # SGLang reads only the nested list (its convention); vLLM's top-level list wins there.
         d["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": aux["sglang"], "use_aux_hidden_state": True}
         d["eagle_aux_hidden_state_layer_ids"] = aux["hf"]
@@ -124,7 +138,7 @@ def speculators_config(draft: Eagle3Draft, verifier_name_or_path: str, verifier_
                        speculative_tokens: int = 3) -> dict:
     """config.json in vllm-project/speculators' EAGLE-3 format."""
     cfg = draft.config
-    aux = aux_layers_record(cfg)
+    aux = draft_aux_layers(cfg)
     layer = {"architectures": ["LlamaForCausalLM"], **_llama_fields(cfg, draft.fc.weight.dtype)}
     return {
         "architectures": ["Eagle3DraftModel"],
@@ -133,7 +147,7 @@ def speculators_config(draft: Eagle3Draft, verifier_name_or_path: str, verifier_
         "draft_vocab_size": cfg.draft_vocab_size,
         "target_hidden_size": cfg.target_hidden_size,
         # HF convention; null lets the reader take the default (2, N//2, N-3)
-        "eagle_aux_hidden_state_layer_ids": aux["hf"] if aux["pinned"] else None,
+        "eagle_aux_hidden_state_layer_ids": None if aux["default"] else aux["hf"],
         # vLLM assumes True when this is absent for speculators configs; ours is False
         "norm_before_residual": False,
         "norm_before_fc": False,
@@ -189,6 +203,12 @@ def expected_tensors(cfg, fmt: str) -> dict[str, tuple[tuple[int, ...], str]]:
         s = {"fc.weight": (H, cfg.num_aux_hidden_states * Ht),
              **_layer_shapes(cfg, prefix, 2 * H, input_norm=True, hidden_norm=True),
              "norm.weight": (H,), "lm_head.weight": (Vd, H)}
+        if fmt == "speculators":
+            # speculators 0.9.0 under transformers 5.19 fills a missing embedding from the
+            # verifier only when it reads NaN, and from_pretrained leaves it uninitialized
+            # instead (measured): so this format carries a copy of the target's. vLLM shares
+            # the target's anyway when the two are equal.
+            s["embed_tokens.weight"] = (V, H)
         out = {k: (v, "float") for k, v in s.items()}
         if fmt == "eagle3" or Vd != V:  # speculators keeps no map for a full-vocabulary head
             out["d2t"] = ((Vd,), "int64")
@@ -295,7 +315,7 @@ def _sidecar(draft, provenance: dict, fmt: str, weights_sha: str) -> dict:
         raise DraftError(f"provenance lacks {missing}; build it with eaglebook.export.head_provenance(target, tokenizer)")
     side = dict(provenance)
     side.setdefault("eaglebook_version", __version__)
-    side.update({"format": fmt, "aux_layers": aux_layers_record(draft.config),
+    side.update({"format": fmt, "aux_layers": draft_aux_layers(draft.config),
                  "draft_vocab_size": draft.config.draft_vocab_size,
                  "head": "eagle3" if isinstance(draft, Eagle3Draft) else "eagle1",
                  "weights_sha256": weights_sha})
@@ -374,6 +394,12 @@ def export_speculators(draft: Eagle3Draft, path, target, provenance: dict,
         verifier_name_or_path = resolve_target(name) if name else None
     if not verifier_name_or_path:
         raise DraftError("give verifier_name_or_path: the speculators format names the target it serves")
+    emb = draft.embed_tokens.weight
+    if torch.isnan(emb).any():
+        raise DraftError("the draft's embedding is unset (NaN): load it with load_draft(path, target=...)")
+    if hasattr(target, "get_input_embeddings") and not torch.equal(
+            emb.detach().cpu(), target.get_input_embeddings().weight.detach().cpu().to(emb.dtype)):
+        raise DraftError("embed_tokens.weight differs from the target's embedding")
     archs = getattr(_target_config(target), "architectures", None) or ["LlamaForCausalLM"]
     cfg = speculators_config(draft, str(verifier_name_or_path), archs, speculative_tokens)
     return _write(path, cfg, _state_for(draft, "speculators"), draft, provenance, "speculators")
@@ -474,7 +500,7 @@ def check_tensors(tensors: dict[str, torch.Tensor], cfg, fmt: str) -> None:
     if missing:
         raise DraftError(f"missing key {missing[0]!r} in the {fmt} checkpoint"
                          + (f" (and {len(missing) - 1} more: {missing[1:4]})" if len(missing) > 1 else ""))
-    unknown = sorted(set(tensors) - set(want) - OPTIONAL_KEYS)
+    unknown = sorted(set(tensors) - set(want) - (OPTIONAL_KEYS if fmt != "speculators" else set()))
     if unknown:
         raise DraftError(f"unknown key {unknown[0]!r} in the {fmt} checkpoint"
                          + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
@@ -507,7 +533,8 @@ def load_draft(path, target=None, tokenizer=None, dtype: torch.dtype | None = No
     else:
         cfg.draft_vocab_size = cfg.vocab_size
         draft = Eagle1Draft(cfg, fc_bias=fmt == "eagle-sglang")
-    state = {_module_key(fmt, k): v for k, v in tensors.items() if k not in OPTIONAL_KEYS}
+    file_embed = tensors.get("embed_tokens.weight")
+    state = {_module_key(fmt, k): v for k, v in tensors.items() if k != "embed_tokens.weight"}
     d2t, t2d = state.pop("d2t", None), state.pop("t2d", None)
     own = draft.state_dict()
     with torch.no_grad():
@@ -522,6 +549,9 @@ def load_draft(path, target=None, tokenizer=None, dtype: torch.dtype | None = No
         elif check:
             warnings.warn(f"{path} has no {SIDECAR}: its provenance cannot be checked against the target")
         draft.init_from_target(target, lm_head_rows=isinstance(draft, Eagle1Draft))
+        if file_embed is not None and not torch.equal(
+                file_embed.to(draft.embed_tokens.weight.dtype), draft.embed_tokens.weight):
+            raise DraftError("embed_tokens.weight in the checkpoint differs from the target's embedding")
     else:
         with torch.no_grad():
             draft.embed_tokens.weight.fill_(float("nan"))
@@ -576,7 +606,7 @@ def check_export(path) -> dict:
     fmt = detect_format(config)
     cfg = _config_from_fields(config, fmt, side)
     check_tensors(tensors, cfg, fmt)
-    if "embed_tokens.weight" in tensors:
+    if "embed_tokens.weight" in tensors and fmt != "speculators":
         raise DraftError("embed_tokens.weight is stored: engines share the target's (drop it)")
     layer = config["transformer_layer_config"] if fmt == "speculators" else config
     for field in ("head_dim", "vocab_size", "rope_theta", "rope_parameters", "max_position_embeddings"):

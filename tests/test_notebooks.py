@@ -23,8 +23,25 @@ def check_00(r):
     assert r["mtbench_questions"] == 80 and r["humaneval_problems"] == 164
 
 
+def check_03(r):
+    p = r["params"]
+    assert p["trainable"] == p["fc"] + p["midlayer"] + p["norm"] + p["lm_head"] > 0
+    assert p["frozen"] == 49152 * 576  # SmolLM2's shared embedding, not counted as the draft's
+    assert p["fc"] == 3 * 576 * 576 and p["lm_head"] == r["draft_vocab_size"] * 576
+    assert 0 < r["params_pct_of_target"] < r["params_full_vocab_pct_of_target"]
+    assert 1 < r["llama8b_params_pct_of_target"] < 6  # the 8B rule of thumb holds there
+    assert 0.5 < r["vocab_coverage_held_out"] <= 1
+    assert set(r["round_trip_max_abs_diff"]) == {"eagle3", "speculators", "eagle1-sglang", "eagle1-vllm"}
+    assert all(v == 0.0 for v in r["round_trip_max_abs_diff"].values())
+    assert r["hand_written_layer_max_abs_diff"] < 1e-4
+    assert r["aux_layers"] == {"hf": [2, 15, 27], "sglang": [1, 14, 26], "default": True}
+    draft_dir = Path(r["draft_dir"])
+    assert (draft_dir / "config.json").is_file() and (draft_dir / "eaglebook.json").is_file()
+
+
 CHECKS = {
     "00-setup-check": check_00,
+    "03-draft-head": check_03,
 }
 
 
