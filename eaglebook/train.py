@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from .draft import Eagle3Draft
+from .draft import Eagle1Draft, Eagle3Draft
 
 
 # --------------------------------------------------------------------------------------
@@ -169,6 +169,55 @@ def ttt_forward(draft: Eagle3Draft, batch: dict, lm_head_weight: torch.Tensor, t
     return loss, stats, all_logits
 
 
+def eagle1_forward(draft: Eagle1Draft, batch: dict, lm_head_weight: torch.Tensor, p_w: float = 0.1,
+                   v_w: float = 1.0, noise: float = 0.0) -> tuple[torch.Tensor, TTTStats, list[torch.Tensor]]:
+    """EAGLE-1/2 training: regress the target's next final feature and match its distribution.
+
+    Position t reads the final feature f_t and the embedding of x_{t+1}; it predicts f_{t+1}
+    (smooth-L1, weight v_w) and, through the target's lm_head, the target's distribution at
+    t+1 (soft cross-entropy, weight p_w), on trained tokens x_{t+2}. Both losses send
+    gradients into the draft (BaldEagle's detached classification loss trained nothing).
+    `noise`: uniform feature noise of that std during training, as EAGLE-1 does.
+    """
+    ids, final = batch["input_ids"], batch["final_hidden"]
+    B, T = ids.shape
+    dev = ids.device
+    trained = batch["loss_mask"].bool() & batch["attention_mask"].bool()
+    feats = final.to(draft.fc.weight.dtype)
+    if noise and draft.training:
+        feats = feats + (torch.rand_like(feats) - 0.5) * noise * math.sqrt(12)
+    n = T - 2
+    inp = torch.zeros_like(ids)
+    inp[:, : T - 1] = ids[:, 1:]
+    out = draft(inp, feats, torch.arange(T, device=dev)[None].expand(B, T))
+    stats = TTTStats(1, batches=1)
+    if n <= 0:
+        return out.hidden.sum() * 0, stats, [out.logits]
+    valid = trained[:, 2:]
+    pred, logits = out.hidden[:, :n].float(), out.logits[:, :n].float()
+    goal = final[:, 1: T - 1].float()
+    teacher_top, teacher_logp = teacher_from_final(goal, lm_head_weight, draft.draft_ids)
+    vloss = F.smooth_l1_loss(pred, goal, reduction="none").mean(-1)
+    ploss = -(teacher_logp.exp() * torch.log_softmax(logits, -1)).sum(-1)
+    denom = valid.sum().clamp(min=1)
+    loss = v_w * (vloss * valid).sum() / denom + p_w * (ploss * valid).sum() / denom
+    with torch.no_grad():
+        right = (logits.argmax(-1) == teacher_top) & valid
+        stats.trained[0] += valid.sum().item()
+        stats.correct[0] += right.sum().item()
+        stats.chain_ok[0] += valid.sum().item()
+        stats.chain_correct[0] += right.sum().item()
+        stats.loss_steps[0] += loss.item()
+    return loss, stats, [out.logits]
+
+
+def draft_loss(draft, batch: dict, lm_head_weight: torch.Tensor, ttt_steps: int, decay: float):
+    """The training loss of either head: TTT for EAGLE-3, feature + token loss for EAGLE-1/2."""
+    if isinstance(draft, Eagle1Draft):
+        return eagle1_forward(draft, batch, lm_head_weight)
+    return ttt_forward(draft, batch, lm_head_weight, ttt_steps, decay)
+
+
 # --------------------------------------------------------------------------------------
 # Batching
 # --------------------------------------------------------------------------------------
@@ -178,21 +227,20 @@ def collate(rows: list[dict], max_length: int | None = None) -> dict:
     lens = [min(len(r["input_ids"]), max_length or 10 ** 9) for r in rows]
     T = max(lens)
     B = len(rows)
-    H3 = rows[0]["aux_hidden"].shape[-1]
-    H = rows[0]["final_hidden"].shape[-1]
     out = {
         "input_ids": torch.zeros(B, T, dtype=torch.long),
         "loss_mask": torch.zeros(B, T, dtype=torch.long),
         "attention_mask": torch.zeros(B, T, dtype=torch.long),
-        "aux_hidden": torch.zeros(B, T, H3, dtype=rows[0]["aux_hidden"].dtype),
-        "final_hidden": torch.zeros(B, T, H, dtype=rows[0]["final_hidden"].dtype),
     }
+    feats = [k for k in ("aux_hidden", "final_hidden") if k in rows[0]]  # EAGLE-1/2 needs no aux
+    for k in feats:
+        out[k] = torch.zeros(B, T, rows[0][k].shape[-1], dtype=rows[0][k].dtype)
     for i, (r, n) in enumerate(zip(rows, lens)):
         out["input_ids"][i, :n] = torch.as_tensor(r["input_ids"][:n])
         out["loss_mask"][i, :n] = torch.as_tensor(r["loss_mask"][:n])
         out["attention_mask"][i, :n] = 1
-        out["aux_hidden"][i, :n] = r["aux_hidden"][:n]
-        out["final_hidden"][i, :n] = r["final_hidden"][:n]
+        for k in feats:
+            out[k][i, :n] = torch.as_tensor(r[k][:n])
     return out
 
 
@@ -257,12 +305,14 @@ class EagleTrainer(Trainer):
         self.lm_head_weight = lm_head_weight.detach().requires_grad_(False)
         self.ttt_steps = ttt_steps
         self.decay = decay
-        self._running = TTTStats(ttt_steps)
+        if isinstance(self.accelerator.unwrap_model(self.model), Eagle1Draft):
+            self.ttt_steps = 1  # EAGLE-1/2 trains one step (no TTT unroll)
+        self._running = TTTStats(self.ttt_steps)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         draft = self.accelerator.unwrap_model(model)
         head = self.lm_head_weight.to(inputs["final_hidden"].device)
-        loss, stats, logits = ttt_forward(draft, inputs, head, self.ttt_steps, self.decay)
+        loss, stats, logits = draft_loss(draft, inputs, head, self.ttt_steps, self.decay)
         self._running.add(stats)
         return (loss, {"logits": logits}) if return_outputs else loss
 
@@ -280,11 +330,11 @@ class EagleTrainer(Trainer):
         was_training = draft.training
         draft.eval()
         stats = TTTStats(self.ttt_steps)
-        for batch in loader:
+        for batch in loader:  # noqa: B007
             batch = self._prepare_inputs(batch)
             with self.compute_loss_context_manager():
-                _, s, _ = ttt_forward(draft, batch, self.lm_head_weight.to(batch["final_hidden"].device),
-                                      self.ttt_steps, self.decay)
+                _, s, _ = draft_loss(draft, batch, self.lm_head_weight.to(batch["final_hidden"].device),
+                                     self.ttt_steps, self.decay)
             stats.add(s)
         draft.train(was_training)
         metrics = stats.metrics(f"{metric_key_prefix}_")

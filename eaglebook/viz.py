@@ -108,3 +108,81 @@ def plot_vocab_coverage(sizes, coverage, chosen: int | None = None):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------
+# 04 · TTT training
+# --------------------------------------------------------------------------------------
+
+def plot_ttt_mask(T: int = 8, steps: int = 3):
+    """The TTT attention mask: queries of step k (rows) over the keys of steps 0..k (columns)."""
+    import matplotlib.pyplot as plt
+
+    from .train import ttt_mask
+
+    fig, axes = plt.subplots(1, steps, figsize=(3.2 * steps, 3.0), gridspec_kw={"width_ratios": list(range(1, steps + 1))})
+    for k, ax in enumerate(axes if steps > 1 else [axes]):
+        m = ttt_mask(T, k)[0, 0].float().numpy()
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=1.3, aspect="equal", interpolation="nearest")
+        for s in range(1, k + 1):
+            ax.axvline(s * T - 0.5, color="black", lw=1)
+        ax.set_title(f"step {k}: keys of steps 0..{k}", fontsize=9)
+        ax.set_xlabel("key (step, position)")
+        ax.set_xticks([s * T + T / 2 - 0.5 for s in range(k + 1)], [f"step {s}" for s in range(k + 1)], fontsize=8)
+        ax.set_yticks(range(T))
+        if k == 0:
+            ax.set_ylabel("query position t")
+    fig.suptitle("Each query sees the true prefix (causal) and its own chain (diagonal)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(log_csv, ttt_steps: int):
+    """Loss (left) and accuracy per TTT position (right) over training, from the Trainer's CSV log."""
+    import csv
+
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(log_csv)))
+    train = [r for r in rows if r.get("loss")]
+    evals = [r for r in rows if r.get("eval_acc_0")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    a.plot([int(r["step"]) for r in train], [float(r["loss"]) for r in train], label="train loss (weighted sum)")
+    if evals:
+        a.plot([int(r["step"]) for r in evals], [float(r["eval_loss"]) for r in evals], "o-", label="held-out loss")
+    a.set_xlabel("step")
+    a.set_ylabel("loss")
+    a.legend()
+    cmap = plt.get_cmap("viridis")
+    src, key = (evals, "eval_acc_") if len(evals) > 1 else (train, "train_acc_")
+    for k in range(ttt_steps):
+        pts = [(int(r["step"]), float(r[f"{key}{k}"])) for r in src if r.get(f"{key}{k}")]
+        if pts:
+            b.plot(*zip(*pts), color=cmap(k / max(1, ttt_steps - 1)), label=f"position {k}")
+    b.set_xlabel("step")
+    b.set_ylabel("top-1 accuracy" + (" (held out)" if src is evals else " (train batches)"))
+    b.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_step_accuracy(runs: dict[str, dict], ttt_steps: int, prefix: str = "eval_"):
+    """Bars of accuracy and conditional accuracy per TTT position, one colour per run."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True)
+    w = 0.8 / max(1, len(runs))
+    x = np.arange(ttt_steps)
+    for i, (name, m) in enumerate(runs.items()):
+        for ax, key in zip(axes, ("acc_", "cond_acc_")):
+            ax.bar(x + i * w, [m[f"{prefix}{key}{k}"] for k in range(ttt_steps)], w,
+                   label=f"{name} (tau_sim {m[f'{prefix}tau_sim']:.2f})")
+    for ax, title in zip(axes, ("accuracy per position", "conditional accuracy (previous steps right)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("TTT position k")
+        ax.set_xticks(x + w * (len(runs) - 1) / 2, [str(k) for k in range(ttt_steps)])
+    axes[0].set_ylabel("top-1 agreement with the target")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -234,3 +234,30 @@ def test_killed_training_resumes_on_the_same_curve(tmp_path):
 
     steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "killed" / "log.csv")) if r.get("loss")]
     assert steps[:5] == [1, 2, 3, 4, 5] and steps[-1] == 12
+
+
+def test_eagle1_losses_both_send_gradients_and_training_fits(tmp_path):
+    from eaglebook.draft import build_eagle1_draft
+    from eaglebook.train import EagleTrainer, collate, eagle1_forward, training_arguments
+
+    target = _target(seed=7, sharp=40.0)
+    rows = [{k: r[k] for k in ("input_ids", "loss_mask", "final_hidden")} for r in _dataset(target, n=32)]
+    draft = build_eagle1_draft(target)
+    batch = collate(rows[:4])
+    for p_w, v_w in ((1.0, 0.0), (0.0, 1.0)):  # each loss alone reaches the trainable layers
+        draft.zero_grad()
+        loss, _, _ = eagle1_forward(draft, batch, target.lm_head.weight, p_w=p_w, v_w=v_w)
+        loss.backward()
+        assert draft.fc.weight.grad.abs().sum() > 0 and draft.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+        assert draft.lm_head.weight.grad is None  # the target's head stays frozen
+    draft.zero_grad()
+    args, _, _ = training_arguments(str(tmp_path), "cpu", ttt_steps=1, max_steps=40, learning_rate=3e-3,
+                                    per_device_train_batch_size=8, logging_steps=10, save_strategy="no",
+                                    report_to=[], bf16=False)
+    trainer = EagleTrainer(model=draft, args=args, train_dataset=rows, eval_dataset=rows[:8],
+                           lm_head_weight=target.lm_head.weight)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_loss"] < 0.8 * before["eval_loss"]
+    assert after["eval_acc_0"] > before["eval_acc_0"]
