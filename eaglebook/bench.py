@@ -997,6 +997,11 @@ def _explain(lane: Lane, exc: BaseException, where: str) -> BenchError:
     msg = f"{name} failed at {where}: {type(exc).__name__}: {exc}"
     if srv is not None:
         code = srv.poll()
+        timed_out = type(exc).__name__ in ("ReadTimeout", "WriteTimeout", "ConnectTimeout", "PoolTimeout")
+        if code is None and srv.proc is not None and not timed_out:
+            # A dropped connection is often a server on its way down: give it a moment to say so.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = srv.proc.wait(timeout=3)
         if code is not None:
             msg = f"{name} died (exit code {code}) at {where}.\n{srv.log_tail()}"
     try:
