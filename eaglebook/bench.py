@@ -941,11 +941,13 @@ class Recorder:
 
     def result(self) -> dict:
         eagle_cfgs = sorted({g.config for g in self.gens if g.mode == "eagle"})
+        main = self.config.get("main_config") if self.config.get("main_config") in eagle_cfgs else None
+        main = main or (eagle_cfgs[0] if eagle_cfgs else None)
         return {
             "complete": self.error is None, "error": self.error,
             "config": self.config, "hardware": self.hardware, "server_info": self.server_info,
             "seconds": round(time.time() - self.t0, 1),
-            "summary": summarize(self.gens, config=eagle_cfgs[0] if len(eagle_cfgs) == 1 else None, walls=self.walls),
+            "summary": summarize(self.gens, config=main, walls=self.walls),
             "settings": sweep_table(self.gens) if len(eagle_cfgs) > 1 else [],
             "concurrency": concurrency_table(self.gens, self.walls),
             "requests": [g.row() for g in self.gens],
@@ -1273,6 +1275,7 @@ class BenchArgs:
     baseline_url: str = field(default="", metadata={"help": "openai: base URL of the baseline server (for speedup)"})
     model: str = field(default="", metadata={"help": "openai: model name (default: the server's first)"})
     log_dir: str = field(default="", metadata={"help": "server logs (default: beside --json, else runs/bench-logs)"})
+    run_dir: str = field(default="", metadata={"help": "suite sharegpt: the run folder notebook 01 saved its hold-out split in"})
 
 
 def parse_settings(args: BenchArgs) -> list[DraftSetting]:
@@ -1336,8 +1339,9 @@ def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = Tru
     backend = pick_backend(args.backend, args.draft)
     settings = parse_settings(args)
     levels = parse_levels(args.concurrency)
-    prompts = load_suite(args.suite, args.limit or None, args.prompts or None)
+    prompts = load_suite(args.suite, args.limit or None, args.prompts or None, args.run_dir or None)
     config = {**asdict(args), "backend": backend, "settings": [asdict(s) for s in settings],
+              "main_config": settings[0].label if backend != "openai" else "server",
               "concurrency_levels": levels, "prompts": len(prompts)}
     rec = Recorder(config, args.json or None)
     log_dir = args.log_dir or (str(Path(args.json).parent / "server-logs") if args.json else "runs/bench-logs")

@@ -23,8 +23,22 @@ def check_00(r):
     assert r["mtbench_questions"] == 80 and r["humaneval_problems"] == 164
 
 
+def check_06(r):
+    assert r["backend"] in ("inprocess", "sglang", "openai")
+    assert r["prompts"] == 2 and r["per_category"], "every prompt paired, per category"
+    assert r["baseline_tok_s"] > 0 and r["eagle_tok_s"] > 0 and r["speedup"] > 0
+    assert r["accept_length"] >= 1.0  # the bonus token alone gives 1
+    assert [s["config"] for s in r["settings"]] == ["s2-k1-n3", "s2-k2-n4"]
+    assert {c["concurrency"] for c in r["concurrency"]} == {1, 2}
+    if r["backend"] == "inprocess" and r["dtype"] == "float32":
+        assert r["identical_share"] == 1.0
+    assert {"speedup_by_category.png", "throughput_vs_accept_length.png", "concurrency.png",
+            "bench.json", "bench.csv"} <= set(r["files"])
+
+
 CHECKS = {
     "00-setup-check": check_00,
+    "06-sglang-benchmark": check_06,
 }
 
 
