@@ -1206,14 +1206,27 @@ def make_inprocess_lanes(target, tokenizer, draft, settings: list[DraftSetting])
 
 
 class _Threaded:
-    """Runs a synchronous in-process client in worker threads, so `concurrency` > 1 means that
-    many requests decoding at once on the shared cores (no batching: a contention picture)."""
+    """Serves `concurrency` > 1 in-process: requests arrive together and queue for the engine.
 
-    def __init__(self, inner: InProcessClient):
-        self.inner, self.name, self.server = inner, inner.name, None
+    The reference engine decodes one sequence at a time and hooks the shared target, so
+    requests take turns (one lock per target). Latency is measured from arrival, queueing
+    included, as a server measures it: per-request tok/s falls with concurrency while the
+    aggregate stays flat. That is what a batch-1 engine gives N users; a batching server
+    (SGLang) is where the real crossover shows.
+    """
+
+    def __init__(self, inner: InProcessClient, lock):
+        self.inner, self.name, self.server, self.lock = inner, inner.name, None, lock
 
     async def generate(self, ids, n):
-        return await asyncio.to_thread(lambda: self.inner._gen(list(ids), int(n)))
+        t0 = time.perf_counter()
+
+        def work():
+            with self.lock:
+                return self.inner._gen(list(ids), int(n))
+        out = await asyncio.to_thread(work)
+        out["latency_s"] = time.perf_counter() - t0
+        return out
 
     async def server_info(self):
         return await self.inner.server_info()
@@ -1397,7 +1410,10 @@ async def _bench_inprocess(args, settings, levels, prompts, rec, target, draft, 
     for lane in lanes:
         rec.server_info[f"{lane.mode} {lane.config}".strip()] = await lane.client.server_info()
     if max(levels) > 1:
-        lanes_c = [Lane(ln.mode, _Threaded(ln.client), ln.config) for ln in lanes]
+        import threading
+
+        lock = threading.Lock()
+        lanes_c = [Lane(ln.mode, _Threaded(ln.client, lock), ln.config) for ln in lanes]
         await warm_up(lanes, prompts, tok, args.warmup)
         if 1 in levels:
             await run_interleaved(lanes, prompts, tok, rec, args.max_new_tokens, args.turns, progress)

@@ -296,3 +296,49 @@ def test_prompt_suites_and_files(tmp_path, smollm2_tokenizer):
         bench.load_suite("sharegpt", run_dir=str(tmp_path))
     ids = bench.render_ids(smollm2_tokenizer, mt[0].messages(0))
     assert smollm2_tokenizer.decode(ids).rstrip().endswith("assistant")
+
+
+# ---------------------------------------------------------------------------------------
+# The in-process backend (needs eaglebook.decode, the engine of issue 7)
+# ---------------------------------------------------------------------------------------
+
+needs_decode = pytest.mark.skipif(__import__("importlib").util.find_spec("eaglebook.decode") is None,
+                                  reason="eaglebook.decode (issue 7) is not in this checkout yet")
+
+
+@needs_decode
+def test_inprocess_sweep_and_concurrency_on_a_tiny_llama(tiny_llama, smollm2_tokenizer, tmp_path):
+    args = BenchArgs(backend="inprocess", suite="mt-bench", limit=2, max_new_tokens=6, warmup=1,
+                     sweep="2,1,3 2,2,4", concurrency="1,2", json=str(tmp_path / "b.json"))
+    res = bench.run_benchmark(args, target=(tiny_llama, smollm2_tokenizer), progress=False)
+    assert res["complete"] and [s["config"] for s in res["settings"]] == ["s2-k1-n3", "s2-k2-n4"]
+    assert res["summary"]["config"] == "s2-k1-n3"  # the first setting is the main one
+    rows = res["requests"]
+    for cfg in ("s2-k1-n3", "s2-k2-n4"):
+        e = [r for r in rows if r["mode"] == "eagle" and r["config"] == cfg and r["concurrency"] == 1]
+        b = {(r["prompt_id"], r["turn"]): r for r in rows if r["mode"] == "baseline" and r["concurrency"] == 1}
+        assert len(e) == 2 and all(r["verify_ct"] >= 1 for r in e)
+        # float32 greedy: EAGLE's output is the baseline's, token for token (text as the proxy)
+        assert all(r["text"] == b[(r["prompt_id"], r["turn"])]["text"] for r in e)
+        assert all(1.0 <= r["accept_length"] <= 3 for r in e)  # at most num_steps + bonus per step
+    assert {(r["concurrency"], r["mode"]) for r in res["concurrency"]} == {(1, "baseline"), (1, "eagle"),
+                                                                           (2, "baseline"), (2, "eagle")}
+    print(bench.format_summary(res))
+
+
+@needs_decode
+def test_eaglebook_bench_command_on_the_cpu_default(tmp_path, capsys):
+    from eaglebook.cli import main
+
+    out = tmp_path / "out.json"
+    t0 = time.time()
+    assert main(["bench", "--suite", "mt-bench", "--limit", "1", "--max-new-tokens", "4", "--warmup", "0",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    s = res["summary"]
+    assert s["baseline"]["tok_s"] > 0 and s["eagle"]["tok_s"] > 0 and s["speedup"] > 0
+    assert s["eagle"]["accept_length"] >= 1.0
+    assert "speedup" in printed and "accept_length" in printed and out.with_suffix(".csv").is_file()
+    assert res["hardware"]["cpu_count"] and res["config"]["backend"] == "inprocess"
+    print(f"eaglebook bench (1 prompt, 4 tokens) took {time.time() - t0:.0f} s")
