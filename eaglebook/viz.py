@@ -35,7 +35,7 @@ def plot_speedup_by_category(summary: dict, title: str = "EAGLE speedup per cate
                         fontsize=8)
     ax.axhline(1.0, color="gray", ls="--", lw=1)
     ax.set_ylabel("speedup (x)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     return fig
@@ -82,7 +82,9 @@ def plot_concurrency(rows: list[dict], title: str = "Per-request throughput vs c
             label = mode if not cfg or mode == "baseline" else f"{mode} {cfg}"
             ax.plot(xs, [r["tok_s_per_request"] for r in sel], "o-", color=colors[mode], label=f"{label} per request")
             ax.plot(xs, [r["tok_s"] for r in sel], "x--", color=colors[mode], alpha=0.6, label=f"{label} aggregate")
+    levels = sorted({r["concurrency"] for r in rows})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(c) for c in levels])
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("output tok/s")
     ax.set_title(title)
