@@ -52,11 +52,24 @@ def check_02(r):
     assert 79.9 < r["example_32b_mib_per_2k_sample"] < 80.1
     assert r["rtx3090_llama8b_batch_at_2048"] >= 1
 
+def check_06(r):
+    assert r["backend"] in ("inprocess", "sglang", "openai")
+    assert r["prompts"] == 2 and r["per_category"], "every prompt paired, per category"
+    assert r["baseline_tok_s"] > 0 and r["eagle_tok_s"] > 0 and r["speedup"] > 0
+    assert r["accept_length"] >= 1.0  # the bonus token alone gives 1
+    assert [s["config"] for s in r["settings"]] == ["s2-k1-n3", "s2-k2-n4"]
+    assert {c["concurrency"] for c in r["concurrency"]} == {1, 2}
+    if r["backend"] == "inprocess" and r["dtype"] == "float32":
+        assert r["identical_share"] == 1.0
+    assert {"speedup_by_category.png", "throughput_vs_accept_length.png", "concurrency.png",
+            "bench.json", "bench.csv"} <= set(r["files"])
+
 
 CHECKS = {
     "00-setup-check": check_00,
     "03-draft-head": check_03,
     "02-hidden-states": check_02,
+    "06-sglang-benchmark": check_06,
 }
 
 
