@@ -968,10 +968,15 @@ def _build_ids(tokenizer, p: Prompt, turn: int, answers: dict) -> list[int]:
     """The ids of turn `turn`; later turns carry the model's own earlier answers, as ids."""
     prev = answers.get(p.id, [])
     msgs = p.messages(turn, [g.text for g in prev])
+    from .target import end_of_turn_ids
+
+    eot = set(end_of_turn_ids(tokenizer))
     answer_ids = {}
     offset = 1 if p.system else 0
     for i, g in enumerate(prev[:turn]):
-        if g.output_ids:
+        # An answer cut off by max_new_tokens has no end-of-turn of its own: it goes in as
+        # text and the template closes the turn, as a server would render it.
+        if g.output_ids and g.output_ids[-1] in eot:
             answer_ids[offset + 2 * i + 1] = g.output_ids
     return render_ids(tokenizer, msgs, answer_ids or None)
 

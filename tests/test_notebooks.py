@@ -65,9 +65,20 @@ def check_06(r):
             "bench.json", "bench.csv"} <= set(r["files"])
 
 
+def check_04(r):
+    assert r["last_loss"] < r["first_loss"]  # the loss falls
+    assert r["final"]["eval_acc_0"] > r["untrained"]["eval_acc_0"]  # and beats the untrained head
+    assert len(r["acc_per_position"]) == r["ttt_steps"] == 7
+    assert 1.0 <= r["tau_sim"] <= r["ttt_steps"] + 1
+    assert r["train_tok_s"] > 0 and r["steps"] == 30
+    assert r["draft_vocab_size"] == 4096 and 0 <= r["dropped_frac"] < 0.5
+    assert (Path(r["draft_dir"]) / "eaglebook.json").is_file()
+
+
 CHECKS = {
     "00-setup-check": check_00,
     "03-draft-head": check_03,
+    "04-ttt-training": check_04,
     "02-hidden-states": check_02,
     "06-sglang-benchmark": check_06,
 }
