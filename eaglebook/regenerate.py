@@ -364,7 +364,8 @@ def _finish(out_dir, conversations, s, run_settings, provenance, stats, seconds,
     kept = [{k: v for k, v in r.items() if k != "index"} for r in rows if "skip" not in r]
     ds = data.split_holdout(Dataset.from_list(kept), s.holdout, s.seed) if kept else DatasetDict(
         {"train": Dataset.from_list([]), "holdout": Dataset.from_list([])})
-    ds.save_to_disk(str(out_dir / "dataset"))
+    # One shard per split: an empty split (a tiny run's hold-out) still loads back.
+    ds.save_to_disk(str(out_dir / "dataset"), num_shards={k: 1 for k in ds})
     n_tok = sum(r["length"] for r in kept)
     n_train = sum(r["num_trained"] for r in kept)
     summary = {
