@@ -94,7 +94,7 @@ def plot_skips(report, ax=None):
 
     fig = None
     if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 0.4 + 0.35 * max(len(report.skipped), 1)))
+        fig, ax = plt.subplots(figsize=(6, max(1.8, 0.8 + 0.35 * len(report.skipped))))
     items = report.skipped.most_common()
     ax.barh([r for r, _ in items][::-1], [n for _, n in items][::-1], color="#e57373")
     ax.set(xlabel="records", title=f"{report.source}: {report.n_skipped} of {report.read} skipped")
