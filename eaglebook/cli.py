@@ -86,4 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the registry of the importable `eaglebook.cli`, the module stage modules register
+    # their commands in (under `python -m`, this file is a separate `__main__` module).
+    from eaglebook.cli import main as _main
+
+    sys.exit(_main())

@@ -12,6 +12,7 @@ import hashlib
 import importlib.resources
 import json
 import re
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,11 +437,24 @@ def _split_answer(ids: list[int], eot: set[int]) -> tuple[list[int], list[int]]:
     return ids, []
 
 
+_EOT_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _eot_set(tokenizer, end_of_turn) -> set[int]:
-    if end_of_turn is None:
-        from .target import end_of_turn_ids
+    if end_of_turn is not None:
+        return {int(t) for t in (end_of_turn if isinstance(end_of_turn, (list, tuple, set)) else [end_of_turn])}
+    from .target import end_of_turn_ids
+
+    # end_of_turn_ids reads the whole vocab (~0.1 s); remember it per tokenizer state.
+    key = (len(tokenizer), tokenizer.eos_token_id)
+    try:
+        hit = _EOT_CACHE.get(tokenizer)
+    except TypeError:  # not weak-referenceable: no cache
         return set(end_of_turn_ids(tokenizer))
-    return {int(t) for t in (end_of_turn if isinstance(end_of_turn, (list, tuple, set)) else [end_of_turn])}
+    if hit is None or hit[0] != key:
+        hit = (key, frozenset(end_of_turn_ids(tokenizer)))
+        _EOT_CACHE[tokenizer] = hit
+    return set(hit[1])
 
 
 def _pieces(tokenizer, messages, add_generation_prompt, answer_ids, eot, on_rewrite, template_kwargs):

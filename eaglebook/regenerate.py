@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -286,11 +287,15 @@ def _write_chunk(chunk_dir: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)  # atomic: a killed run leaves whole chunks or none
 
 
-def _check_resume(out_dir: Path, settings: dict) -> None:
+def _check_resume(out_dir: Path, settings: dict, on_change: str = "raise") -> None:
     path = out_dir / "settings.json"
     if path.is_file():
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff and on_change == "restart":
+            print(f"{out_dir} holds a run with other settings ({', '.join(diff)}): starting over")
+            shutil.rmtree(out_dir)
+            return _check_resume(out_dir, settings)
         if diff:
             raise RegenerationError(
                 f"{out_dir} holds a run with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
@@ -302,9 +307,10 @@ def _check_resume(out_dir: Path, settings: dict) -> None:
 
 def regenerate(conversations: Dataset, backend, tokenizer, out_dir: str | os.PathLike,
                settings: RegenSettings | None = None, provenance: dict | None = None,
-               progress: bool = True) -> tuple[DatasetDict, dict]:
+               progress: bool = True, on_settings_change: str = "raise") -> tuple[DatasetDict, dict]:
     """Regenerate the answers of `conversations` (normalized rows: id, source, messages) with
-    `backend`, persisting finished chunks in `out_dir/chunks`; a rerun resumes.
+    `backend`, persisting finished chunks in `out_dir/chunks`; a rerun resumes. A folder
+    holding a run with other settings raises, or with on_settings_change="restart" is cleared.
 
     Returns the dataset ({"train", "holdout"}, also saved to `out_dir/dataset`) and a summary
     (counts, skips, throughput, provenance), also saved as `out_dir/eaglebook-dataset.json`.
@@ -320,7 +326,7 @@ def regenerate(conversations: Dataset, backend, tokenizer, out_dir: str | os.Pat
     run_settings = {**asdict(s), "backend": backend.name, "stop_ids": stops, "num_rows": len(conversations),
                     **{k: provenance[k] for k in ("target", "weights_fingerprint", "template_hash") if k in provenance}}
     run_settings.pop("chunk_rows")  # chunking may change between a run and its resume
-    _check_resume(out_dir, run_settings)
+    _check_resume(out_dir, run_settings, on_settings_change)
     chunk_dir = out_dir / "chunks"
     chunk_dir.mkdir(exist_ok=True)
     done = {r["index"] for r in _read_chunks(chunk_dir)}
@@ -364,7 +370,8 @@ def _finish(out_dir, conversations, s, run_settings, provenance, stats, seconds,
     kept = [{k: v for k, v in r.items() if k != "index"} for r in rows if "skip" not in r]
     ds = data.split_holdout(Dataset.from_list(kept), s.holdout, s.seed) if kept else DatasetDict(
         {"train": Dataset.from_list([]), "holdout": Dataset.from_list([])})
-    ds.save_to_disk(str(out_dir / "dataset"))
+    # One shard per split: an empty split (a tiny run's hold-out) still loads back.
+    ds.save_to_disk(str(out_dir / "dataset"), num_shards={k: 1 for k in ds})
     n_tok = sum(r["length"] for r in kept)
     n_train = sum(r["num_trained"] for r in kept)
     summary = {
@@ -418,6 +425,19 @@ class RegenerateArgs:
     backend: str = field(default="local", metadata={"help": "local | sglang | openai"})
     url: str = field(default="", metadata={"help": "server base URL for sglang/openai backends"})
     concurrency: int = 32
+
+
+def pick_rows(conversations: Dataset, tokenizer, n: int, max_prompt_tokens: int, mode: str = "last") -> Dataset:
+    """The first `n` conversations whose prompts fit in `max_prompt_tokens` (for "last": the
+    prompt of the final answer; for "all": the first prompt)."""
+    keep = []
+    for i, row in enumerate(conversations):
+        t = _targets(row["messages"], mode)[0 if mode == "all" else -1]
+        if len(data.render_prompt(tokenizer, row["messages"][:t])) <= max_prompt_tokens:
+            keep.append(i)
+            if len(keep) == n:
+                break
+    return conversations.select(keep)
 
 
 def prepare_conversations(source: str = "sharegpt", limit: int | None = None):

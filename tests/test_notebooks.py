@@ -74,6 +74,21 @@ def check_04(r):
     assert r["draft_vocab_size"] == 4096 and 0 <= r["dropped_frac"] < 0.5
     assert (Path(r["draft_dir"]) / "eaglebook.json").is_file()
 
+def check_01(r):
+    from eaglebook import regenerate, vocab
+
+    assert r["records_read"] == 200 and r["records_read"] == r["records_kept"] + r["records_skipped"]
+    assert r["tokenized_rows"] > 100 and 0.2 < r["trained_token_fraction"] < 0.95
+    assert r["regen_rows"] == 4 and r["train_rows"] + r["holdout_rows"] == 4 and r["holdout_rows"] >= 1
+    assert r["regen_tokens_per_second"] > 0 and 0 < r["regen_trained_fraction"] < 1
+    assert r["mask_checked_rows"] >= 50  # the notebook's own assertions ran on real rows
+    assert 0 < r["draft_vocab_coverage_holdout"] <= 1 and r["draft_vocab_coverage_train"] == 1.0
+    ds, meta = regenerate.load_regenerated(r["dataset_dir"], expect={"template_hash": r["template_hash"]})
+    assert meta["weights_fingerprint"] == r["weights_fingerprint"]
+    assert sum(map(sum, ds["train"]["loss_mask"])) == sum(ds["train"]["answer_tokens"])
+    d2t, t2d, _ = vocab.load_vocab_map(r["vocab_map"])
+    assert len(d2t) == r["draft_vocab"] == 2048
+
 
 CHECKS = {
     "00-setup-check": check_00,
@@ -81,6 +96,7 @@ CHECKS = {
     "04-ttt-training": check_04,
     "02-hidden-states": check_02,
     "06-sglang-benchmark": check_06,
+    "01-loss-masks": check_01,
 }
 
 
