@@ -516,15 +516,37 @@ def check_tensors(tensors: dict[str, torch.Tensor], cfg, fmt: str) -> None:
         raise DraftError(f"embed_tokens.weight: shape {tuple(emb.shape)}, expected {(cfg.vocab_size, cfg.hidden_size)}")
 
 
+# Heads that ship with eaglebook, under data/ (issue 9: the default head for SmolLM2).
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+SHIPPED_HEADS = {"smollm2-135m-eagle3": DATA_DIR / "smollm2-135m-eagle3"}
+
+
+def resolve_head(name_or_path) -> Path:
+    """A shipped head's name (e.g. "smollm2-135m-eagle3") or a folder, as a folder path."""
+    if str(name_or_path) in SHIPPED_HEADS:
+        path = SHIPPED_HEADS[str(name_or_path)]
+        if not (path / "config.json").is_file():
+            raise DraftError(f"the shipped head {name_or_path!r} is not in this checkout ({path}); "
+                             "train it with `make default-head` or pass a folder")
+        return path
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise DraftError(f"no draft head at {path}: expected a folder with config.json, or one of "
+                         f"{sorted(SHIPPED_HEADS)}")
+    return path
+
+
 def load_draft(path, target=None, tokenizer=None, dtype: torch.dtype | None = None, check: bool = True):
     """Load a head saved by `save_draft` or any export (the format is read from config.json).
+
+    `path` is a folder or a shipped head's name ("smollm2-135m-eagle3").
 
     With `target`, the head is checked against it (shapes, and the recorded weights
     fingerprint, layer count and, with `tokenizer`, template hash: `check=False` skips the
     provenance part) and gets the target's embedding (and, for EAGLE-1/2, its lm_head).
     Without a target those shared tensors are NaN, so nothing silently uses random ones.
     """
-    config, tensors, side = read_checkpoint(path)
+    config, tensors, side = read_checkpoint(resolve_head(path))
     fmt = detect_format(config)
     cfg = _config_from_fields(config, fmt, side)
     check_tensors(tensors, cfg, fmt)
