@@ -401,3 +401,75 @@ def train_draft(draft: Eagle3Draft, lm_head_weight: torch.Tensor, train_dataset,
         print(f"Resuming from {ckpt}")
     trainer.train(resume_from_checkpoint=ckpt)
     return trainer
+
+
+# --------------------------------------------------------------------------------------
+# `eaglebook train`
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class TrainArgs:
+    """Train a draft head on stored features (from `eaglebook capture`); resumes if interrupted."""
+
+    features: str = field(default="", metadata={"help": "feature folder written by `eaglebook capture`"})
+    output_dir: str = field(default="runs/train", metadata={"help": "checkpoints, logs and the final head"})
+    target: str = field(default="smollm2-135m", metadata={"help": "the target the features came from"})
+    profile: str = field(default="cpu", metadata={"help": "cpu | rtx3090 | full"})
+    head: str = field(default="eagle3", metadata={"help": "eagle3 (TTT) or eagle1 (EAGLE-1/2)"})
+    vocab_map: str = field(default="", metadata={"help": "d2t/t2d file from notebook 01 ('' = count the features)"})
+    draft_vocab_size: int = field(default=8192, metadata={"help": "reduced vocabulary when counting (eagle3)"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    ttt_steps: int = field(default=0, metadata={"help": "unrolled steps (0 = the profile's)"})
+    learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = the profile's)"})
+    batch_size: int = field(default=0, metadata={"help": "sequences per device step (0 = the profile's)"})
+    eval_fraction: float = field(default=0.02, metadata={"help": "held-out share of sequences"})
+    init_lm_head: bool = field(default=True, metadata={"help": "start lm_head from the target's rows"})
+    report_to: str = field(default="", metadata={"help": "extra loggers, e.g. wandb"})
+
+
+def _train_cli(a: TrainArgs) -> int:
+    from . import export, vocab
+    from .draft import build_draft, build_eagle1_draft
+    from .hidden_states import FeatureDataset
+    from .target import end_of_turn_ids, load_target
+
+    if not a.features:
+        raise SystemExit("--features is required (a folder written by `eaglebook capture`)")
+    model, tok = load_target(a.target, dtype="float32")
+    feats = FeatureDataset(a.features, expect=(model, tok))
+    n = len(feats)
+    held = [i for i in range(n) if i < max(1, int(n * a.eval_fraction))]
+    trn = [i for i in range(len(held), n)]
+    if a.head == "eagle1":
+        draft = build_eagle1_draft(model, dtype=torch.float32)
+    else:
+        if a.vocab_map:
+            d2t, t2d, _ = vocab.load_vocab_map(a.vocab_map)
+        else:
+            counts = torch.zeros(model.config.vocab_size, dtype=torch.int64)
+            for i in trn:
+                it = feats[i]
+                counts += torch.bincount(it["input_ids"][it["loss_mask"].bool()], minlength=counts.numel())
+            d2t, t2d = vocab.build_vocab_map(counts, a.draft_vocab_size,
+                                             always_keep=end_of_turn_ids(tok, model.generation_config))
+        draft = build_draft(model, d2t, t2d, init_lm_head=a.init_lm_head, dtype=torch.float32)
+    over = {k: v for k, v in dict(ttt_steps=a.ttt_steps, learning_rate=a.learning_rate,
+                                   per_device_train_batch_size=a.batch_size).items() if v}
+    if a.report_to:
+        over["report_to"] = _default_reporters() + a.report_to.split(",")
+    trainer = train_draft(draft, model.lm_head.weight, torch.utils.data.Subset(feats, trn),
+                          torch.utils.data.Subset(feats, held), output_dir=a.output_dir, profile=a.profile,
+                          max_steps=a.max_steps, eval_strategy="steps", eval_steps=max(1, a.max_steps // 10), **over)
+    print({k: round(v, 4) for k, v in trainer.evaluate().items() if k.startswith(("eval_acc", "eval_tau"))})
+    path = export.save_draft(draft, Path(a.output_dir) / "draft", export.head_provenance(model, tok, vocab_source=a.vocab_map or a.features))
+    print(f"head saved to {path}")
+    return 0
+
+
+def _register() -> None:
+    from .cli import register
+
+    register("train", TrainArgs, _train_cli)
+
+
+_register()
