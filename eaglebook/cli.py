@@ -72,6 +72,11 @@ def _load_stage_commands() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _load_stage_commands()
+    if __name__ == "__main__":
+        # `python -m eaglebook.cli`: stage modules registered into the importable eaglebook.cli
+        import eaglebook.cli as _cli
+
+        COMMANDS.update(_cli.COMMANDS)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: eaglebook {" + ",".join(COMMANDS) + "} [options]   (eaglebook CMD --help for options)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2

@@ -8,14 +8,16 @@ Malformed records are skipped and counted by reason, never raised on: a
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.resources
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 
 # Role names seen in the wild, mapped onto the three the chat templates know.
 ROLE_MAP = {
@@ -542,3 +544,68 @@ def tokenize_dataset(dataset, tokenizer, max_length: int | None = 2048, on_rewri
                      "length": len(out["input_ids"]), "num_trained": n_trained})
         report.kept += 1
     return Dataset.from_list(rows), report
+
+
+# --------------------------------------------------------------------------------------
+# Keeping evaluation prompts out of training data, and a fixed hold-out split
+# --------------------------------------------------------------------------------------
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def benchmark_ngrams(n: int = 13) -> dict[int, set[tuple[str, ...]]]:
+    """Word n-grams of every MT-bench turn and HumanEval prompt, keyed by n (a prompt shorter
+    than n words contributes itself whole, so short questions are matched too)."""
+    texts = [t for q in load_mtbench() for t in q["turns"]] + list(load_humaneval()["prompt"])
+    grams: dict[int, set] = {}
+    for text in texts:
+        w = _words(text)
+        k = min(n, len(w))
+        if k:
+            grams.setdefault(k, set()).update(tuple(w[i:i + k]) for i in range(len(w) - k + 1))
+    return grams
+
+
+def drop_benchmark_prompts(dataset: Dataset, report: NormalizeReport | None = None, n: int = 13):
+    """Drop conversations whose user turns share a word n-gram with an MT-bench question or a
+    HumanEval prompt, so benchmarks measure the draft on prompts it never trained on."""
+    grams = benchmark_ngrams(n)
+    report = report or NormalizeReport(source="benchmark filter")
+
+    def overlaps(messages) -> bool:
+        for m in messages:
+            if m["role"] != "user":
+                continue
+            w = _words(m["content"])
+            for k, known in grams.items():
+                if any(tuple(w[i:i + k]) in known for i in range(len(w) - k + 1)):
+                    return True
+        return False
+
+    keep = [i for i, msgs in enumerate(dataset["messages"]) if not overlaps(msgs)]
+    dropped = len(dataset) - len(keep)
+    if dropped:
+        report.skipped["prompt overlaps MT-bench/HumanEval"] += dropped
+        report.kept = max(0, report.kept - dropped)
+    return dataset.select(keep), report
+
+
+def is_holdout(row_id: str, fraction: float, seed: int = 0) -> bool:
+    """A fixed, order-independent hold-out assignment: a hash of the row's source id."""
+    h = int(hashlib.sha1(f"{seed}:{row_id}".encode()).hexdigest()[:12], 16)
+    return h < fraction * 16 ** 12
+
+
+def split_holdout(dataset: Dataset, fraction: float = 0.05, seed: int = 0) -> DatasetDict:
+    """{"train", "holdout"} by `is_holdout`; at least one hold-out row when fraction > 0 and
+    there are two rows or more (tiny CI runs still evaluate on something unseen)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdout fraction must be in [0, 1), not {fraction}")
+    ids = [str(i) for i in dataset["id"]]
+    hold = [i for i, r in enumerate(ids) if is_holdout(r, fraction, seed)]
+    if not hold and fraction > 0 and len(ids) >= 2:
+        hold = [min(range(len(ids)), key=lambda i: hashlib.sha1(f"{seed}:{ids[i]}".encode()).hexdigest())]
+    hs = set(hold)
+    return DatasetDict({"train": dataset.select([i for i in range(len(ids)) if i not in hs]),
+                        "holdout": dataset.select(hold)})

@@ -23,6 +23,21 @@ def check_00(r):
     assert r["mtbench_questions"] == 80 and r["humaneval_problems"] == 164
 
 
+def check_03(r):
+    p = r["params"]
+    assert p["trainable"] == p["fc"] + p["midlayer"] + p["norm"] + p["lm_head"] > 0
+    assert p["frozen"] == 49152 * 576  # SmolLM2's shared embedding, not counted as the draft's
+    assert p["fc"] == 3 * 576 * 576 and p["lm_head"] == r["draft_vocab_size"] * 576
+    assert 0 < r["params_pct_of_target"] < r["params_full_vocab_pct_of_target"]
+    assert 1 < r["llama8b_params_pct_of_target"] < 6  # the 8B rule of thumb holds there
+    assert 0.5 < r["vocab_coverage_held_out"] <= 1
+    assert set(r["round_trip_max_abs_diff"]) == {"eagle3", "speculators", "eagle1-sglang", "eagle1-vllm"}
+    assert all(v == 0.0 for v in r["round_trip_max_abs_diff"].values())
+    assert r["hand_written_layer_max_abs_diff"] < 1e-4
+    assert r["aux_layers"] == {"hf": [2, 15, 27], "sglang": [1, 14, 26], "default": True}
+    draft_dir = Path(r["draft_dir"])
+    assert (draft_dir / "config.json").is_file() and (draft_dir / "eaglebook.json").is_file()
+
 def check_02(r):
     assert r["aux_layers_hf"] == [2, 15, 27] and r["aux_layers_sglang"] == [1, 14, 26]
     assert r["sequences"] == 16 and r["tokens"] > 16 * 20
@@ -37,10 +52,35 @@ def check_02(r):
     assert 79.9 < r["example_32b_mib_per_2k_sample"] < 80.1
     assert r["rtx3090_llama8b_batch_at_2048"] >= 1
 
+def check_06(r):
+    assert r["backend"] in ("inprocess", "sglang", "openai")
+    assert r["prompts"] == 2 and r["per_category"], "every prompt paired, per category"
+    assert r["baseline_tok_s"] > 0 and r["eagle_tok_s"] > 0 and r["speedup"] > 0
+    assert r["accept_length"] >= 1.0  # the bonus token alone gives 1
+    assert [s["config"] for s in r["settings"]] == ["s2-k1-n3", "s2-k2-n4"]
+    assert {c["concurrency"] for c in r["concurrency"]} == {1, 2}
+    if r["backend"] == "inprocess" and r["dtype"] == "float32":
+        assert r["identical_share"] == 1.0
+    assert {"speedup_by_category.png", "throughput_vs_accept_length.png", "concurrency.png",
+            "bench.json", "bench.csv"} <= set(r["files"])
+
+
+def check_04(r):
+    assert r["last_loss"] < r["first_loss"]  # the loss falls
+    assert r["final"]["eval_acc_0"] > r["untrained"]["eval_acc_0"]  # and beats the untrained head
+    assert len(r["acc_per_position"]) == r["ttt_steps"] == 7
+    assert 1.0 <= r["tau_sim"] <= r["ttt_steps"] + 1
+    assert r["train_tok_s"] > 0 and r["steps"] == 30
+    assert r["draft_vocab_size"] == 4096 and 0 <= r["dropped_frac"] < 0.5
+    assert (Path(r["draft_dir"]) / "eaglebook.json").is_file()
+
 
 CHECKS = {
     "00-setup-check": check_00,
+    "03-draft-head": check_03,
+    "04-ttt-training": check_04,
     "02-hidden-states": check_02,
+    "06-sglang-benchmark": check_06,
 }
 
 

@@ -1,0 +1,819 @@
+"""Tree-verification decoding: a reference EAGLE-2/3 engine over a `transformers` target.
+
+One iteration (a "step") of `EagleDecoder`:
+  1. draft a tree: the draft head expands, depth by depth, the `topk` most likely frontier
+     nodes (by cumulative log-probability), `topk` children each, in ONE draft call per
+     depth; the best `num_draft_tokens` nodes overall (the root included) are kept;
+  2. verify: ONE target forward over the tree, with a tree attention mask (each node sees
+     the prefix and its ancestors) and position ids = prefix length + depth;
+  3. accept the longest path the target agrees with, plus the bonus token the target
+     predicts after it (greedy: argmax; sampling: the multi-candidate rejection rule);
+  4. compact the target's KV cache to the accepted path (no prefix recompute) and extend
+     the draft's cache over the accepted tokens with the *target's* features from the
+     verify pass; the draft's last output there is the root of the next tree.
+
+Parameters mean what SGLang's do (contracts.md section 5): `num_steps` = draft depth,
+`topk` = branching, `num_draft_tokens` = nodes verified including the root; `topk=1` is
+a chain with `num_draft_tokens = num_steps + 1`.
+
+`baseline_decode` is plain one-token-per-forward decoding through the same forward
+function, cache class, attention implementation and dtype, so `speedup` compares like
+with like. Batch size is 1 throughout: this is a reference engine to read and to test.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+
+class DecodeError(ValueError):
+    """Decoding parameters or inputs that cannot work together; the message says why."""
+
+
+# --------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class SpecConfig:
+    """Draft-tree shape, with SGLang's meanings (contracts.md section 5)."""
+
+    num_steps: int = 4  # draft depth: tokens on the longest drafted path
+    topk: int = 4  # children per expanded node, and nodes expanded per depth
+    num_draft_tokens: int = 16  # nodes verified by the target, the root included
+
+    def __post_init__(self):
+        if self.num_steps < 1 or self.topk < 1:
+            raise DecodeError(f"num_steps ({self.num_steps}) and topk ({self.topk}) must be >= 1")
+        if self.topk == 1:
+            # As SGLang does: a chain verifies exactly its num_steps tokens plus the root.
+            self.num_draft_tokens = self.num_steps + 1
+        if self.num_draft_tokens < 2:
+            raise DecodeError(f"num_draft_tokens={self.num_draft_tokens}: need the root and at least one draft token")
+        if self.num_draft_tokens - 1 > self.max_candidates:
+            raise DecodeError(
+                f"num_draft_tokens={self.num_draft_tokens} exceeds what num_steps={self.num_steps}, topk={self.topk} "
+                f"can draft: {self.max_candidates} candidates + the root")
+
+    @property
+    def max_candidates(self) -> int:
+        """Nodes the draft proposes: topk at depth 1, then topk*topk per further depth."""
+        return self.topk + (self.num_steps - 1) * self.topk ** 2
+
+    @classmethod
+    def chain(cls, num_steps: int) -> "SpecConfig":
+        return cls(num_steps=num_steps, topk=1, num_draft_tokens=num_steps + 1)
+
+
+@dataclass
+class SamplingConfig:
+    """temperature 0 = greedy. Otherwise the target's distribution after temperature, then
+    top-k (0 = off), then top-p (1.0 = off) is what both EAGLE and the baseline sample from."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def __post_init__(self):
+        if not 0 < self.top_p <= 1:
+            raise DecodeError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise DecodeError(f"top_k={self.top_k} must be >= 0")
+
+
+def processed_probs(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
+    """The distribution a sampler draws from: softmax(logits / T), then top-k, then top-p (float32)."""
+    x = logits.float() / s.temperature
+    if s.top_k and s.top_k < x.shape[-1]:
+        kth = torch.topk(x, s.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    p = torch.softmax(x, dim=-1)
+    if s.top_p < 1.0:
+        sp, si = torch.sort(p, dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = (sp.cumsum(-1) - sp) >= s.top_p
+        sp = sp.masked_fill(drop, 0.0)
+        p = torch.zeros_like(p).scatter_(-1, si, sp)
+        p = p / p.sum(-1, keepdim=True)
+    return p
+
+
+# --------------------------------------------------------------------------------------
+# Stops
+# --------------------------------------------------------------------------------------
+
+class StopChecker:
+    """Decides, token by token, whether generation ends: an eos id (chat template's end of
+    turn and the generation config's eos), max_new_tokens, or a stop string. The stopping
+    token is kept (as `generate()` does); nothing after it is."""
+
+    def __init__(self, eos_ids=(), max_new_tokens: int = 256, stop_strings=(), tokenizer=None):
+        self.eos_ids = {int(i) for i in eos_ids}
+        self.max_new_tokens = int(max_new_tokens)
+        self.stop_strings = [s for s in (stop_strings or []) if s]
+        if self.stop_strings and tokenizer is None:
+            raise DecodeError("stop strings need a tokenizer to decode the generated text")
+        self.tokenizer = tokenizer
+        if self.max_new_tokens < 1:
+            raise DecodeError(f"max_new_tokens={max_new_tokens} must be >= 1")
+
+    def extend(self, generated: list[int], new: list[int]) -> tuple[int, str | None]:
+        """Append `new` to `generated` up to the first stop; return (tokens kept, reason or None)."""
+        base = len(generated)
+        for i, t in enumerate(new):
+            generated.append(t)
+            if t in self.eos_ids:
+                return i + 1, "eos"
+            if self.stop_strings and self._hit_stop_string(generated, base):
+                return i + 1, "stop_string"
+            if len(generated) >= self.max_new_tokens:
+                return i + 1, "max_new_tokens"
+        return len(new), None
+
+    def _hit_stop_string(self, generated: list[int], base: int) -> bool:
+        # Decode only a tail long enough to hold any stop string plus a partial token.
+        longest = max(len(s) for s in self.stop_strings)
+        tail = self.tokenizer.decode(generated[-(longest + 8):], skip_special_tokens=False)
+        return any(s in tail for s in self.stop_strings)
+
+
+# --------------------------------------------------------------------------------------
+# The target: one forward function for EAGLE and the baseline
+# --------------------------------------------------------------------------------------
+
+def default_aux_layers(num_hidden_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3 feature indices in HF hidden_states numbering: (2, N//2, N-3)."""
+    n = num_hidden_layers
+    if n < 8:
+        raise DecodeError(f"a target with {n} layers has no three distinct EAGLE-3 aux layers (need >= 8)")
+    return (2, n // 2, n - 3)
+
+
+@contextmanager
+def capture_aux(target, aux_layers, store: list):
+    """Forward pre-hooks that append the inputs of decoder layers `aux_layers`
+    (= HF hidden_states[j]) to `store` during the `with` block, in aux order."""
+    layers = target.get_decoder().layers
+    slots: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make(j):
+        def hook(module, args, kwargs):
+            slots[j] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    for j in aux_layers:
+        handles.append(layers[j].register_forward_pre_hook(make(j), with_kwargs=True))
+    try:
+        yield slots
+    finally:
+        for h in handles:
+            h.remove()
+        if slots:
+            store.append(torch.cat([slots[j] for j in aux_layers], dim=-1))
+
+
+def target_forward(target, input_ids, position_ids, cache, attention_mask=None, logits_at=None):
+    """The target's decoder plus lm_head on the rows we need (`logits_at`: a slice or None = all)."""
+    out = target.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                               past_key_values=cache, use_cache=True)
+    h = out.last_hidden_state
+    if logits_at is not None:
+        h = h[:, logits_at]
+    return target.get_output_embeddings()(h)
+
+
+def tree_attention_mask(anc: torch.Tensor, prefix_len: int, dtype=None) -> torch.Tensor:
+    """[1, 1, N, prefix_len + N] mask: every node sees the whole prefix and its ancestors-or-self.
+
+    Bool (True = attend) for sdpa; with `dtype` an additive float mask for eager attention.
+    """
+    N = anc.shape[0]
+    m = torch.cat([torch.ones(N, prefix_len, dtype=torch.bool, device=anc.device), anc], dim=1)[None, None]
+    if dtype is None:
+        return m
+    return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+
+
+def _cache_keep(cache: DynamicCache, start: int, keep: torch.Tensor | None, new_len: int) -> None:
+    """Keep cache entries [0, start) + start + `keep` (in order); `keep=None` means a plain crop."""
+    for layer in cache.layers:
+        if keep is not None:
+            # in place: the accepted rows move down to follow the prefix, then we cut
+            layer.keys[:, :, start:start + keep.numel()] = layer.keys[:, :, start + keep]
+            layer.values[:, :, start:start + keep.numel()] = layer.values[:, :, start + keep]
+        layer.keys = layer.keys[:, :, :new_len]
+        layer.values = layer.values[:, :, :new_len]
+
+
+def cache_length(cache: DynamicCache) -> int:
+    return cache.get_seq_length()
+
+
+# --------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class DraftTree:
+    """One step's verified tree. Node 0 is the root (the last committed token, not yet in the
+    target's cache); nodes are ordered by depth, parents before children."""
+
+    tokens: list[int]  # target ids
+    parents: list[int]  # -1 for the root
+    depths: list[int]
+    scores: list[float]  # cumulative draft log-probability (root 0)
+    mask: torch.Tensor  # [N, N] bool ancestor-or-self
+    prefix_len: int  # tokens in the target cache before this tree (root's position)
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class StepRecord:
+    accepted_nodes: list[int]  # tree nodes on the accepted path, root first
+    new_tokens: list[int]  # tokens this step appended (accepted drafts + bonus, cut at a stop)
+    draft_ms: float
+    verify_ms: float
+    other_ms: float
+    tree_size: int
+    tree: DraftTree | None = None  # kept when generate(keep_trees=True)
+    target_argmax: list[int] | None = None  # greedy: the target's choice at every node
+
+    @property
+    def accept_length(self) -> int:
+        return len(self.new_tokens)
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated ids (the first comes from the prefill)
+    steps: list[StepRecord]
+    stop_reason: str
+    prefill_ms: float
+    seconds: float  # wall clock of the whole generate call, prefill included
+    text: str = ""
+
+    @property
+    def num_verify_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def accept_lengths(self) -> list[int]:
+        return [s.accept_length for s in self.steps]
+
+    @property
+    def accept_length(self) -> float:
+        """Generated tokens / verification steps, bonus included (SGLang's
+        completion_tokens / spec_verify_ct; the prefill's token counts too)."""
+        return len(self.token_ids) / max(1, len(self.steps))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else float("nan")
+
+    def timing(self) -> dict:
+        n = max(1, len(self.steps))
+        return {"draft_ms": sum(s.draft_ms for s in self.steps) / n,
+                "verify_ms": sum(s.verify_ms for s in self.steps) / n,
+                "other_ms": sum(s.other_ms for s in self.steps) / n,
+                "tree_size": sum(s.tree_size for s in self.steps) / n}
+
+    def summary(self) -> dict:
+        return {"tokens": len(self.token_ids), "verify_steps": self.num_verify_steps,
+                "accept_length": round(self.accept_length, 3), "tok_s": round(self.tokens_per_second, 2),
+                "stop_reason": self.stop_reason, **{k: round(v, 2) for k, v in self.timing().items()}}
+
+
+@dataclass
+class BaselineResult:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    margins: list[float]  # top-2 logit margin at every generated position (greedy)
+    stop_reason: str
+    seconds: float
+    text: str = ""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class DecodeState:
+    """Everything carried between steps (batch size 1)."""
+
+    prompt_len: int
+    tokens: list[int]  # prompt + generated
+    generated: list[int]
+    target_cache: DynamicCache
+    draft_cache: DynamicCache
+    root_hidden: torch.Tensor  # [H] the draft's pre-norm output at the last committed pair
+    root_logprobs: torch.Tensor  # [draft_vocab] its log-probabilities: depth-1 candidates
+    finished: bool = False
+    stop_reason: str = ""
+
+    @property
+    def cached(self) -> int:
+        """Tokens in the target's cache: all committed tokens but the last (the next root)."""
+        return len(self.tokens) - 1
+
+
+class EagleDecoder:
+    """EAGLE-2/3 tree decoding with a target (`transformers` causal LM) and an `Eagle3Draft`.
+
+        dec = EagleDecoder(target, draft, SpecConfig(num_steps=4, topk=4, num_draft_tokens=16),
+                           eos_ids=end_of_turn_ids(tokenizer, target.generation_config))
+        res = dec.generate(input_ids, max_new_tokens=128)
+        res.token_ids, res.accept_length
+
+    Any head works: an untrained one lowers accept_length, never changes a greedy output.
+    """
+
+    def __init__(self, target, draft, spec: SpecConfig | None = None, eos_ids=(), tokenizer=None,
+                 aux_layers: tuple[int, ...] | None = None):
+        self.target, self.draft = target, draft
+        self.spec = spec or SpecConfig()
+        self.eos_ids = list(eos_ids)
+        self.tokenizer = tokenizer
+        n = target.config.get_text_config().num_hidden_layers
+        self.aux_layers = tuple(aux_layers or getattr(draft.config, "aux_layers", None) or default_aux_layers(n))
+        if max(self.aux_layers) >= n:
+            raise DecodeError(f"aux layers {self.aux_layers} do not exist in a {n}-layer target")
+        tc = target.config.get_text_config()
+        if draft.fc.in_features != len(self.aux_layers) * tc.hidden_size:
+            raise DecodeError(f"draft fc expects {draft.fc.in_features} features, the target gives "
+                              f"{len(self.aux_layers)} x {tc.hidden_size}")
+        if draft.config.vocab_size != tc.vocab_size:
+            raise DecodeError(f"draft vocab_size {draft.config.vocab_size} != target vocab {tc.vocab_size}")
+        self.device = next(target.parameters()).device
+        impl = getattr(target.config, "_attn_implementation", "sdpa")
+        # eager attention adds the mask to the scores; sdpa takes a bool mask directly
+        self._mask_dtype = next(target.parameters()).dtype if impl == "eager" else None
+        self.d2t_ids = draft.draft_ids.to(self.device)  # draft id -> target id, as one lookup
+
+    # -- pieces ------------------------------------------------------------------------
+    def _target(self, ids, pos, cache, mask=None, logits_at=None):
+        feats: list = []
+        with capture_aux(self.target, self.aux_layers, feats):
+            logits = target_forward(self.target, ids, pos, cache, mask, logits_at)
+        return logits, feats[0]
+
+    def _draft_extend(self, state: DecodeState, feats: torch.Tensor, next_ids: list[int], start: int) -> None:
+        """Append pairs (target feature at position start+i, token at start+i+1) to the draft cache."""
+        ids = torch.tensor([next_ids], device=self.device)
+        pos = torch.arange(start, start + len(next_ids), device=self.device)[None]
+        out = self.draft(ids, feats, pos, past_key_values=state.draft_cache, logits=False)
+        last = out.hidden[0, -1]
+        state.root_hidden = last
+        state.root_logprobs = torch.log_softmax(self.draft.lm_head(self.draft.norm(last)).float(), dim=-1)
+
+    def prefill(self, input_ids, sampling: SamplingConfig | None = None, stop: StopChecker | None = None,
+                generator: torch.Generator | None = None) -> DecodeState:
+        """Target prefill (first token), then the draft's prefill from the target's features."""
+        sampling = sampling or SamplingConfig()
+        ids = _as_ids(input_ids, self.device)
+        L = ids.shape[1]
+        if L < 1:
+            raise DecodeError("empty prompt: give at least one token")
+        tcache, dcache = DynamicCache(), DynamicCache()
+        logits, feats = self._target(ids, torch.arange(L, device=self.device)[None], tcache, logits_at=slice(-1, None))
+        first = _pick(logits[0, -1], sampling, generator)
+        state = DecodeState(prompt_len=L, tokens=ids[0].tolist(), generated=[], target_cache=tcache,
+                            draft_cache=dcache, root_hidden=None, root_logprobs=None)
+        stop = stop or StopChecker(self.eos_ids, 1 << 30)
+        _, why = stop.extend(state.generated, [first])
+        state.tokens.append(first)
+        if why:
+            state.finished, state.stop_reason = True, why
+            return state
+        self._draft_extend(state, feats, state.tokens[1:], 0)
+        return state
+
+    @torch.no_grad()
+    def build_tree(self, state: DecodeState) -> DraftTree:
+        """Grow the draft tree from the root: one draft call per depth for the whole frontier."""
+        k, steps, N = self.spec.topk, self.spec.num_steps, self.spec.num_draft_tokens
+        dev, n = self.device, state.cached  # n = the root's position
+        draft_len0 = cache_length(state.draft_cache)
+        lp, tok = torch.topk(state.root_logprobs, k)  # depth 1, best first
+        pool_scores, pool_tok, pool_parent = [lp], [tok], [torch.full((k,), -1, device=dev)]
+        front_idx = torch.arange(k, device=dev)  # pool indices of the frontier
+        front_scores, front_tok = lp, tok
+        front_hidden = state.root_hidden.expand(k, -1)
+        anc = torch.eye(k, dtype=torch.bool, device=dev)  # frontier x expanded-nodes-in-draft-cache
+        eye = anc
+        pool_size = k
+        prefix_ones = torch.ones(k, draft_len0, dtype=torch.bool, device=dev)
+        for depth in range(1, steps):
+            mask = torch.cat([prefix_ones, anc], dim=1)[None, None]
+            pos = torch.full((1, k), n - 1 + depth, device=dev)
+            out = self.draft(self.d2t_ids[front_tok][None], front_hidden[None], pos, attention_mask=mask,
+                             past_key_values=state.draft_cache)
+            clp, ctok = torch.topk(torch.log_softmax(out.logits[0].float(), dim=-1), k, dim=-1)  # [k, k]
+            cscores = (front_scores[:, None] + clp).flatten()
+            pool_scores.append(cscores)
+            pool_tok.append(ctok.flatten())
+            pool_parent.append(front_idx.repeat_interleave(k))
+            if depth < steps - 1:
+                # expand the k best children next; a stable sort breaks ties toward earlier nodes
+                best = torch.sort(cscores, descending=True, stable=True).indices[:k]
+                par = best // k
+                front_idx = pool_size + best
+                front_scores, front_tok = cscores[best], ctok.flatten()[best]
+                front_hidden = out.hidden[0, par]
+                anc = torch.cat([anc[par], eye], dim=1)
+            pool_size += k * k
+        scores = torch.cat(pool_scores)
+        toks = torch.cat(pool_tok)
+        parents = torch.cat(pool_parent)
+        depths = torch.cat([torch.full((k,), 1, device=dev)] +
+                           [torch.full((k * k,), d + 1, device=dev) for d in range(1, steps)])
+        # keep the best N-1; stable sort = ties go to shallower, earlier nodes (pool order is by depth),
+        # so every kept node's parent (scored >= its child, and earlier) is kept too
+        sel = torch.sort(scores, descending=True, stable=True).indices[: N - 1].sort().values
+        node_of = torch.full((scores.numel(),), -1, dtype=torch.long, device=dev)
+        node_of[sel] = torch.arange(1, sel.numel() + 1, device=dev)
+        par_pool = parents[sel]
+        par_node = torch.where(par_pool >= 0, node_of[par_pool.clamp(min=0)], torch.zeros_like(par_pool))
+        if bool((par_node < 0).any()):
+            raise DecodeError("internal: a kept node's parent was dropped")
+        tokens = [state.tokens[-1]] + self.d2t_ids[toks[sel]].tolist()
+        parents_l = [-1] + par_node.tolist()
+        depth_l = [0] + depths[sel].tolist()
+        score_l = [0.0] + scores[sel].tolist()
+        Nn = len(tokens)
+        m = torch.zeros(Nn, Nn, dtype=torch.bool, device=dev)
+        m[0, 0] = True
+        par_t = torch.tensor(parents_l, device=dev)
+        dep_t = torch.tensor(depth_l, device=dev)
+        for d in range(1, steps + 1):  # parents precede children: fill depth by depth
+            rows = (dep_t == d).nonzero().flatten()
+            if rows.numel():
+                m[rows] = m[par_t[rows]]
+                m[rows, rows] = True
+        # drop the tree's entries from the draft cache: it is rebuilt from target features
+        _cache_keep(state.draft_cache, draft_len0, None, draft_len0)
+        return DraftTree(tokens=tokens, parents=parents_l, depths=depth_l, scores=score_l, mask=m, prefix_len=n)
+
+    @torch.no_grad()
+    def step(self, state: DecodeState, sampling: SamplingConfig | None = None, stop: StopChecker | None = None,
+             generator: torch.Generator | None = None, keep_tree: bool = False) -> StepRecord:
+        """One draft-verify-accept iteration."""
+        if state.finished:
+            raise DecodeError("generation already finished; start again with prefill()")
+        sampling = sampling or SamplingConfig()
+        stop = stop or StopChecker(self.eos_ids, 1 << 30)
+        t0 = time.perf_counter()
+        tree = self.build_tree(state)
+        t1 = time.perf_counter()
+        n, dev = tree.prefix_len, self.device
+        ids = torch.tensor([tree.tokens], device=dev)
+        pos = (n + torch.tensor(tree.depths, device=dev))[None]
+        mask = tree_attention_mask(tree.mask, n, self._mask_dtype)
+        logits, feats = self._target(ids, pos, state.target_cache, mask)
+        logits = logits[0]
+        argmax = logits.argmax(-1).tolist() if sampling.greedy else None
+        t2 = time.perf_counter()
+        path, bonus = self._accept(tree, logits, argmax, sampling, generator)
+        proposed = [tree.tokens[i] for i in path[1:]] + [bonus]
+        kept, why = stop.extend(state.generated, proposed)
+        new = proposed[:kept]
+        state.tokens.extend(new)
+        extend_ms = 0.0
+        if why:
+            state.finished, state.stop_reason = True, why
+        else:
+            # target cache: prefix + the root and accepted nodes (the bonus is the next root)
+            keep = torch.tensor(path, device=dev)
+            contiguous = path == list(range(len(path)))  # always so in a chain: a crop suffices
+            _cache_keep(state.target_cache, n, None if contiguous else keep, n + len(path))
+            t3 = time.perf_counter()
+            self._draft_extend(state, feats[:, keep], new, n)
+            extend_ms = (time.perf_counter() - t3) * 1e3
+        other_ms = (time.perf_counter() - t2) * 1e3 - extend_ms
+        return StepRecord(accepted_nodes=path, new_tokens=new, draft_ms=(t1 - t0) * 1e3 + extend_ms,
+                          verify_ms=(t2 - t1) * 1e3, other_ms=other_ms, tree_size=tree.size,
+                          tree=tree if keep_tree else None, target_argmax=argmax if keep_tree else None)
+
+    def _accept(self, tree: DraftTree, logits, argmax, sampling, generator) -> tuple[list[int], int]:
+        children: dict[int, list[int]] = {}
+        for i, p in enumerate(tree.parents[1:], start=1):
+            children.setdefault(p, []).append(i)
+        path, cur = [0], 0
+        if argmax is not None:
+            while True:
+                want = argmax[cur]
+                nxt = next((c for c in children.get(cur, ()) if tree.tokens[c] == want), None)
+                if nxt is None:
+                    return path, want
+                path.append(nxt)
+                cur = nxt
+        while True:
+            p = processed_probs(logits[cur], sampling)
+            nxt, tok = accept_among_children(p, [tree.tokens[c] for c in children.get(cur, ())], generator)
+            if nxt is None:
+                return path, tok
+            cur = children[cur][nxt]
+            path.append(cur)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop_strings=(), keep_trees: bool = False
+                 ) -> GenerationResult:
+        sampling = SamplingConfig(temperature, top_p, top_k, seed)
+        stop = StopChecker(self.eos_ids, max_new_tokens, stop_strings, self.tokenizer)
+        gen = _generator(sampling, self.device)
+        t0 = time.perf_counter()
+        state = self.prefill(input_ids, sampling, stop, gen)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        steps = []
+        while not state.finished:
+            steps.append(self.step(state, sampling, stop, gen, keep_tree=keep_trees))
+        secs = time.perf_counter() - t0
+        res = GenerationResult(prompt_ids=state.tokens[:state.prompt_len], token_ids=list(state.generated),
+                               steps=steps, stop_reason=state.stop_reason, prefill_ms=prefill_ms, seconds=secs)
+        if self.tokenizer is not None:
+            res.text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+        return res
+
+
+def accept_among_children(p: torch.Tensor, child_tokens: list[int], generator=None) -> tuple[int | None, int]:
+    """The multi-candidate rejection rule, for candidates chosen deterministically (top-k).
+
+    Try the children in order. Each proposal is a point mass on its token, so child i is
+    accepted with probability p_res(c_i) / 1, where p_res is the residual target
+    distribution after the earlier rejections: p with the rejected tokens removed and
+    renormalized (max(0, p - q) for a point mass q). If all are rejected, the bonus is
+    drawn from that final residual. The emitted token is then distributed exactly as p.
+    (EAGLE's rule divides by the draft's probability q(c_i) instead; that is exact only
+    when the candidates were *sampled* from q, not taken as its top-k.)
+    Returns (index of the accepted child or None, token).
+    """
+    remaining = 1.0
+    for i, t in enumerate(child_tokens):
+        pt = float(p[t])
+        if remaining > 0 and _uniform(generator) * remaining < pt:
+            return i, t
+        remaining -= pt
+    if child_tokens:
+        p = p.clone()
+        p[child_tokens] = 0.0
+        if float(p.sum()) <= 0:  # every token with mass was a rejected child: impossible in exact arithmetic
+            p[child_tokens] = 1.0
+    return None, int(torch.multinomial(p / p.sum(), 1, generator=generator))
+
+
+def _uniform(generator) -> float:
+    return float(torch.rand((), generator=generator))
+
+
+def _pick(logits: torch.Tensor, sampling: SamplingConfig, generator) -> int:
+    if sampling.greedy:
+        return int(logits.argmax())
+    return int(torch.multinomial(processed_probs(logits, sampling), 1, generator=generator))
+
+
+def _generator(sampling: SamplingConfig, device) -> torch.Generator | None:
+    if sampling.greedy:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    return g
+
+
+def _as_ids(input_ids, device) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise DecodeError(f"input_ids of shape {tuple(ids.shape)}: the reference engine decodes one sequence")
+    return ids
+
+
+# --------------------------------------------------------------------------------------
+# The baseline: one token per target forward, through the same forward function
+# --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def baseline_decode(target, input_ids, max_new_tokens: int = 256, eos_ids=(), temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop_strings=(),
+                    tokenizer=None) -> BaselineResult:
+    """Plain autoregressive decoding (greedy or sampled) with the same DynamicCache, attention
+    implementation, dtype and forward call as the EAGLE engine; records top-2 margins."""
+    sampling = SamplingConfig(temperature, top_p, top_k, seed)
+    stop = StopChecker(eos_ids, max_new_tokens, stop_strings, tokenizer)
+    dev = next(target.parameters()).device
+    gen = _generator(sampling, dev)
+    ids = _as_ids(input_ids, dev)
+    L = ids.shape[1]
+    cache = DynamicCache()
+    t0 = time.perf_counter()
+    logits = target_forward(target, ids, torch.arange(L, device=dev)[None], cache, logits_at=slice(-1, None))
+    generated, margins = [], []
+    pos = L
+    while True:
+        row = logits[0, -1]
+        if sampling.greedy:
+            top2 = torch.topk(row, 2).values
+            margins.append(float(top2[0] - top2[1]))
+        tok = _pick(row, sampling, gen)
+        _, why = stop.extend(generated, [tok])
+        if why:
+            break
+        logits = target_forward(target, torch.tensor([[tok]], device=dev), torch.tensor([[pos]], device=dev), cache)
+        pos += 1
+    secs = time.perf_counter() - t0
+    res = BaselineResult(prompt_ids=ids[0].tolist(), token_ids=generated, margins=margins, stop_reason=why,
+                         seconds=secs)
+    if tokenizer is not None:
+        res.text = tokenizer.decode(generated, skip_special_tokens=True)
+    return res
+
+
+def check_lossless(baseline: BaselineResult, eagle_ids: list[int], tol: float = 1e-4) -> dict:
+    """Contracts section 6: identical, or the first divergence sits where the baseline's top-2
+    margin is below `tol` (a float rounding tie, not a bug)."""
+    ref = baseline.token_ids
+    i = next((j for j, (a, b) in enumerate(zip(ref, eagle_ids)) if a != b), None)
+    if i is None:
+        same = len(ref) == len(eagle_ids)
+        return {"identical": same, "ok": same, "first_divergence": None if same else min(len(ref), len(eagle_ids)),
+                "margin": None}
+    margin = baseline.margins[i] if i < len(baseline.margins) else None
+    return {"identical": False, "ok": margin is not None and margin < tol, "first_divergence": i, "margin": margin}
+
+
+# --------------------------------------------------------------------------------------
+# Prompts, comparisons and the `eaglebook generate` command
+# --------------------------------------------------------------------------------------
+
+def render_prompt_ids(tokenizer, messages) -> list[int]:
+    """The one place this module renders a chat for the target (contracts section 1)."""
+    try:
+        from .data import render_prompt  # the suite's single render function, once it exists
+    except ImportError:
+        render_prompt = None
+    if render_prompt is not None:
+        out = render_prompt(tokenizer, messages)
+        return list(out) if not isinstance(out, str) else tokenizer(out, add_special_tokens=False).input_ids
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(out, "keys"):  # some tokenizers return a BatchEncoding
+        out = out["input_ids"]
+    return list(out)
+
+
+def compare(decoder: EagleDecoder, prompts: list[list[int]], max_new_tokens: int = 128, warmup: bool = True,
+            tol: float = 1e-4, **sampling) -> dict:
+    """Baseline and EAGLE on the same prompts, interleaved per prompt, in this process.
+
+    Returns per-prompt rows and totals: speedup = EAGLE tok/s / baseline tok/s (sums of tokens
+    over sums of seconds), accept_length over all steps, the lossless check per prompt."""
+    if warmup and prompts:
+        w = prompts[0][:32]
+        baseline_decode(decoder.target, w, 4, decoder.eos_ids, **sampling)
+        decoder.generate(w, 4, **sampling)
+    rows = []
+    for p in prompts:
+        b = baseline_decode(decoder.target, p, max_new_tokens, decoder.eos_ids, **sampling)
+        e = decoder.generate(p, max_new_tokens, **sampling)
+        row = {"prompt_tokens": len(p), "baseline_tokens": len(b.token_ids), "eagle_tokens": len(e.token_ids),
+               "baseline_s": b.seconds, "eagle_s": e.seconds, "accept_lengths": e.accept_lengths,
+               "accept_length": e.accept_length, **e.timing(), "baseline": b, "eagle": e}
+        if not sampling.get("temperature"):
+            row.update(check_lossless(b, e.token_ids, tol))
+        rows.append(row)
+    bt = sum(r["baseline_tokens"] for r in rows) / max(1e-9, sum(r["baseline_s"] for r in rows))
+    et = sum(r["eagle_tokens"] for r in rows) / max(1e-9, sum(r["eagle_s"] for r in rows))
+    steps = sum(len(r["accept_lengths"]) for r in rows)
+    tot = {"prompts": len(rows), "baseline_tok_s": bt, "eagle_tok_s": et, "speedup": et / bt if bt else float("nan"),
+           "accept_length": sum(r["eagle_tokens"] for r in rows) / max(1, steps),
+           "draft_ms": sum(r["draft_ms"] * len(r["accept_lengths"]) for r in rows) / max(1, steps),
+           "verify_ms": sum(r["verify_ms"] * len(r["accept_lengths"]) for r in rows) / max(1, steps),
+           "other_ms": sum(r["other_ms"] * len(r["accept_lengths"]) for r in rows) / max(1, steps)}
+    if rows and "identical" in rows[0]:
+        tot["identical"] = sum(r["identical"] for r in rows)
+        tot["lossless_ok"] = all(r["ok"] for r in rows)
+    return {"rows": rows, "total": tot}
+
+
+def load_head(target, draft_path: str | None = None, dtype=None):
+    """A draft head for `target`: from `draft_path` (a saved head or a shipped name) when given,
+    else an untrained one from `build_draft` (accept_length ~1, output unchanged)."""
+    from . import draft as draft_mod
+
+    if draft_path:
+        loader = getattr(draft_mod, "load_draft", None)
+        if loader is None:
+            raise DecodeError(f"cannot load {draft_path!r}: this eaglebook has no draft.load_draft yet")
+        d = loader(draft_path, target=target) if "target" in loader.__code__.co_varnames else loader(draft_path)
+    else:
+        d = draft_mod.build_draft(target)
+    dt = dtype or next(target.parameters()).dtype
+    return d.to(device=next(target.parameters()).device, dtype=dt).eval().requires_grad_(False)
+
+
+@dataclass
+class GenerateArgs:
+    """Decode prompts from a JSONL file with EAGLE; write one JSONL line per prompt."""
+
+    prompts: str = field(metadata={"help": "JSONL: each line has 'messages' (chat), 'prompt' (a user text) "
+                                           "or 'input_ids'; optional 'id'"})
+    output: str = field(default="generate.jsonl", metadata={"help": "output JSONL path"})
+    target: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, folder or hub id"})
+    draft: str = field(default="", metadata={"help": "draft head path/name; empty = untrained head"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | auto"})
+    num_steps: int = field(default=4, metadata={"help": "draft depth"})
+    topk: int = field(default=4, metadata={"help": "branching per expanded node (1 = chain)"})
+    num_draft_tokens: int = field(default=16, metadata={"help": "nodes verified, root included"})
+    max_new_tokens: int = field(default=128, metadata={"help": "generation limit"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    stop: list[str] = field(default_factory=list, metadata={"help": "stop strings"})
+    baseline: bool = field(default=False, metadata={"help": "also run plain decoding: identity and speedup"})
+    limit: int = field(default=0, metadata={"help": "first N prompts only (0 = all)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads (0 = default)"})
+
+
+def _prompt_from_record(rec: dict, tokenizer) -> list[int]:
+    if "input_ids" in rec:
+        return [int(i) for i in rec["input_ids"]]
+    if "messages" in rec:
+        return render_prompt_ids(tokenizer, rec["messages"])
+    if "prompt" in rec:
+        return render_prompt_ids(tokenizer, [{"role": "user", "content": rec["prompt"]}])
+    raise DecodeError(f"prompt record has none of 'input_ids', 'messages', 'prompt': keys {sorted(rec)}")
+
+
+def run_generate(args: GenerateArgs) -> int:
+    from .target import end_of_turn_ids, load_target
+
+    target, tok = load_target(args.target, dtype=args.dtype, threads=args.threads or None)
+    draft = load_head(target, args.draft or None)
+    dec = EagleDecoder(target, draft, SpecConfig(args.num_steps, args.topk, args.num_draft_tokens),
+                       eos_ids=end_of_turn_ids(tok, target.generation_config), tokenizer=tok)
+    recs = [json.loads(ln) for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+    if args.limit:
+        recs = recs[:args.limit]
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if recs:  # warm up both paths so the first prompt's timing is not a cold start
+        w = _prompt_from_record(recs[0], tok)[:32]
+        dec.generate(w, 4, **sampling)
+        if args.baseline:
+            baseline_decode(target, w, 4, dec.eos_ids, **sampling)
+    out_path = Path(args.output)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    n_ok = 0
+    with open(out_path, "w") as fh:
+        for i, rec in enumerate(recs):
+            ids = _prompt_from_record(rec, tok)
+            e = dec.generate(ids, args.max_new_tokens, stop_strings=args.stop, **sampling)
+            row = {"id": rec.get("id", i), "prompt_tokens": len(ids), "token_ids": e.token_ids, "text": e.text,
+                   "accept_lengths": e.accept_lengths, **e.summary(),
+                   "spec": asdict(dec.spec)}
+            if args.baseline:
+                b = baseline_decode(target, ids, args.max_new_tokens, dec.eos_ids, stop_strings=args.stop,
+                                    tokenizer=tok, **sampling)
+                row["baseline_tok_s"] = round(b.tokens_per_second, 2)
+                row["speedup"] = round(e.tokens_per_second / b.tokens_per_second, 3)
+                if not args.temperature:
+                    row.update(check_lossless(b, e.token_ids))
+                    n_ok += row["ok"]
+            fh.write(json.dumps(row) + "\n")
+            print(f"[{i + 1}/{len(recs)}] {len(e.token_ids)} tokens, accept_length {e.accept_length:.2f}"
+                  + (f", speedup {row['speedup']:.2f}x" if args.baseline else ""), flush=True)
+    print(f"wrote {len(recs)} results to {out_path}")
+    if args.baseline and not args.temperature and n_ok < len(recs):
+        print(f"LOSSLESS CHECK FAILED on {len(recs) - n_ok} prompt(s)")
+        return 1
+    return 0
+
+
+def _register() -> None:
+    from .cli import register
+
+    register("generate", GenerateArgs, run_generate)
+
+
+_register()
