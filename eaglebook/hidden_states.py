@@ -802,6 +802,12 @@ class FeatureDataset(torch.utils.data.Dataset):
                 out[sid] = n
         return out
 
+    def __getstate__(self):
+        # Open safetensors handles do not pickle (DataLoader workers under spawn); reopen lazily.
+        state = dict(self.__dict__)
+        state["_files"], state["_offsets"] = {}, {}
+        return state
+
     def _open(self, s: int):
         # Opened lazily so DataLoader workers each get their own handles after fork.
         if s not in self._files:
@@ -847,8 +853,9 @@ class OnlineFeatures(torch.utils.data.IterableDataset):
 
     def __init__(self, model, tokenizer, sequences, aux_layers: Sequence[int] | None = None,
                  batch_size: int = 8, max_batch_tokens: int | None = None, max_length: int | None = None,
-                 storage_dtype: str | None = None, dtype: torch.dtype = torch.float32):
+                 storage_dtype: str | None = None, dtype: torch.dtype = torch.float32, to_cpu: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        self.to_cpu = to_cpu  # False keeps features on the target's device (online training on one GPU)
         self.seqs = sequences if isinstance(sequences, Sequences) else Sequences(sequences, max_length=max_length)
         _, _, n_layers = _decoder_parts(model)
         self.aux = resolve_aux_layers(n_layers, aux_layers)
@@ -879,9 +886,10 @@ class OnlineFeatures(torch.utils.data.IterableDataset):
                 rows = [self.seqs[i] for i in batch]
                 input_ids, att = pad_batch([r[0] for r in rows], pad_id, device)
                 for i, (ids, mask), f in zip(batch, rows, unpad(cap(input_ids, att), att)):
-                    yield {"seq_id": i, "input_ids": torch.tensor(ids), "loss_mask": torch.tensor(mask),
-                           "aux_hidden": self._round(f["aux_hidden"]).cpu(),
-                           "final_hidden": self._round(f["final_hidden"]).cpu()}
+                    item = {"aux_hidden": self._round(f["aux_hidden"]), "final_hidden": self._round(f["final_hidden"])}
+                    if self.to_cpu:
+                        item = {k: v.cpu() for k, v in item.items()}
+                    yield {"seq_id": i, "input_ids": torch.tensor(ids), "loss_mask": torch.tensor(mask), **item}
 
 
 def collate_features(items: Sequence[dict], pad_id: int = 0) -> dict:
@@ -1012,7 +1020,8 @@ def time_capture_vs_forward(model, tokenizer, sequences, batch_size: int = 8, re
                             aux_layers: Sequence[int] | None = None) -> dict:
     """Tokens/s of (a) the base-model forward, (b) the full `model(...)` forward with logits,
     and (c) capture (hooks + gather of the real tokens), over identical batches, interleaved
-    and repeated so machine noise hits all three alike (the median of `repeats` is kept).
+    per batch in rotating order and repeated, so load changes on a shared machine hit all three
+    alike. Throughputs are medians over `repeats`; overheads are medians of per-repeat ratios.
     """
     seqs = sequences if isinstance(sequences, Sequences) else Sequences(sequences)
     lengths = [len(seqs[i][0]) for i in range(len(seqs))]
@@ -1028,29 +1037,49 @@ def time_capture_vs_forward(model, tokenizer, sequences, batch_size: int = 8, re
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    def run(name, ids, att, cap):
+        if name == "capture":
+            f = cap(ids, att)
+            keep = att.bool()
+            f["aux_hidden"][keep].cpu(), f["final_hidden"][keep].cpu()
+        else:
+            # No hooks are registered while the plain passes run.
+            (base if name == "base_forward" else model)(input_ids=ids, attention_mask=att, use_cache=False)
+
+    names = list(times)
+    cap = HiddenStateCapture(model, aux_layers)
     with torch.inference_mode():
-        base(input_ids=padded[0][0], attention_mask=padded[0][1], use_cache=False)  # warm-up
-        for _ in range(repeats):
-            for name in times:
-                sync()
-                t0 = time.perf_counter()
-                if name == "capture":
-                    with HiddenStateCapture(model, aux_layers) as cap:  # hooks only while capturing
-                        for ids, att in padded:
-                            f = cap(ids, att)
-                            keep = att.bool()
-                            f["aux_hidden"][keep].cpu(), f["final_hidden"][keep].cpu()
-                else:
-                    fwd = base if name == "base_forward" else model
-                    for ids, att in padded:
-                        fwd(input_ids=ids, attention_mask=att, use_cache=False)
-                sync()
-                times[name].append(time.perf_counter() - t0)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        for ids, att in padded:  # warm-up: kernels are built per shape on first use (oneDNN, cuBLAS)
+            for name in names:
+                with cap:
+                    run(name, ids, att, cap)
+        for r in range(repeats):
+            acc = dict.fromkeys(names, 0.0)
+            # Interleave per batch, rotating the order, so load changes on a shared machine hit all alike.
+            for b, (ids, att) in enumerate(padded):
+                for name in names[(r + b) % 3:] + names[:(r + b) % 3]:
+                    if name == "capture":
+                        cap.__enter__()
+                    sync()
+                    t0 = time.perf_counter()
+                    run(name, ids, att, cap)
+                    sync()
+                    acc[name] += time.perf_counter() - t0
+                    cap.remove()
+            for name in names:
+                times[name].append(acc[name])
+
+    def median(v):
+        v = sorted(v)
+        return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+
+    med = {k: median(v) for k, v in times.items()}
     res = {f"{k}_tok_s": n_tokens / s for k, s in med.items()}
     res["tokens"] = n_tokens
-    res["overhead_vs_base_pct"] = 100 * (med["capture"] / med["base_forward"] - 1)
-    res["overhead_vs_full_pct"] = 100 * (med["capture"] / med["full_forward"] - 1)
+    res["repeats"] = repeats
+    # Paired: the ratio within each repeat, then the median, so slow drifts cancel.
+    res["overhead_vs_base_pct"] = 100 * (median([c / b for c, b in zip(times["capture"], times["base_forward"])]) - 1)
+    res["overhead_vs_full_pct"] = 100 * (median([c / f for c, f in zip(times["capture"], times["full_forward"])]) - 1)
     return res
 
 

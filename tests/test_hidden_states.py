@@ -323,6 +323,12 @@ def test_online_features_equal_the_stored_ones(tiny_llama, smollm2_tokenizer, tm
     for a, b in zip(online, offline):
         for k in ("input_ids", "loss_mask", "aux_hidden", "final_hidden"):
             assert torch.equal(a[k], b[k]), k
+    import pickle
+
+    ds = hs.FeatureDataset(tmp_path)
+    ds[0]  # opens a shard handle; DataLoader workers under spawn must still get a picklable dataset
+    clone = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(clone[4]["aux_hidden"], offline[4]["aux_hidden"])
     batch = hs.collate_features(offline[:3])
     assert batch["aux_hidden"].shape[:2] == batch["attention_mask"].shape
     assert int(batch["attention_mask"].sum()) == sum(len(s["input_ids"]) for s in seqs[:3])
