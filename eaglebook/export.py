@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from .draft import DraftError, Eagle1Draft, Eagle3Draft
+from .hidden_states import default_aux_layers
 
 CONFIG, WEIGHTS, SIDECAR = "config.json", "model.safetensors", "eaglebook.json"
 EAGLE3_ARCH = "LlamaForCausalLMEagle3"  # SGLang's class; vLLM keeps names ending in "Eagle3"
@@ -43,13 +44,6 @@ FORMATS = ("eagle3", "speculators", "eagle-sglang", "eagle-vllm")
 # Layer ids: HF/vLLM convention (id j = output of layer j-1) vs SGLang (id j = output of layer j)
 # --------------------------------------------------------------------------------------
 
-def _default_aux_layers(num_layers: int) -> list[int]:
-    # HF convention (contracts section 2); the same tensors every engine picks by default.
-    # (eaglebook.hidden_states.default_aux_layers says the same; kept local so export has no
-    # dependency on the capture code.)
-    return [2, num_layers // 2, num_layers - 3]
-
-
 def draft_aux_layers(draft_config) -> dict:
     """The draft's aux layers in both conventions: {"hf", "sglang", "default"}.
 
@@ -59,7 +53,7 @@ def draft_aux_layers(draft_config) -> dict:
     """
     n = getattr(draft_config, "target_num_hidden_layers", None)
     hf = getattr(draft_config, "aux_layers", None)
-    default = _default_aux_layers(n) if n else None
+    default = list(default_aux_layers(n)) if n else None
     hf = [int(j) for j in hf] if hf is not None else default
     sglang = None
     if hf is not None and all(1 <= j < (n if n else j + 1) for j in hf):

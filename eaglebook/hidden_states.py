@@ -37,6 +37,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .target import file_sha256
+
 INDEX_NAME = "index.json"
 FORMAT = "eaglebook-features"
 FORMAT_VERSION = 1
@@ -416,14 +418,6 @@ def _atomic_write_json(path: Path, obj) -> None:
     _atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shard_ok(directory: Path, entry: dict, verify: str = "hash") -> tuple[bool, str]:
     """(ok, why not) for one shard listed in an index. verify: "size" (cheap) or "hash" (reads it)."""
     path = Path(directory) / entry["file"]
@@ -432,7 +426,7 @@ def shard_ok(directory: Path, entry: dict, verify: str = "hash") -> tuple[bool, 
     size = path.stat().st_size
     if size != entry["bytes"]:
         return False, f"size {size} != {entry['bytes']} (truncated?)"
-    if verify == "hash" and _sha256_file(path) != entry["sha256"]:
+    if verify == "hash" and file_sha256(path) != entry["sha256"]:
         return False, "sha256 mismatch (corrupt)"
     return True, ""
 
@@ -890,27 +884,6 @@ class OnlineFeatures(torch.utils.data.IterableDataset):
                     if self.to_cpu:
                         item = {k: v.cpu() for k, v in item.items()}
                     yield {"seq_id": i, "input_ids": torch.tensor(ids), "loss_mask": torch.tensor(mask), **item}
-
-
-def collate_features(items: Sequence[dict], pad_id: int = 0) -> dict:
-    """Right-pad per-sequence items (from either mode) into a batch with an attention_mask."""
-    t = max(len(x["input_ids"]) for x in items)
-    b = len(items)
-    out = {"input_ids": torch.full((b, t), pad_id, dtype=torch.long),
-           "loss_mask": torch.zeros((b, t), dtype=torch.long),
-           "attention_mask": torch.zeros((b, t), dtype=torch.long)}
-    for name in ("aux_hidden", "final_hidden"):
-        width = items[0][name].shape[-1]
-        out[name] = torch.zeros((b, t, width), dtype=items[0][name].dtype)
-    for k, x in enumerate(items):
-        n = len(x["input_ids"])
-        out["input_ids"][k, :n] = x["input_ids"]
-        out["loss_mask"][k, :n] = x["loss_mask"]
-        out["attention_mask"][k, :n] = 1
-        out["aux_hidden"][k, :n] = x["aux_hidden"]
-        out["final_hidden"][k, :n] = x["final_hidden"]
-    out["seq_id"] = torch.tensor([x["seq_id"] for x in items])
-    return out
 
 
 # --------------------------------------------------------------------------------------

@@ -329,7 +329,9 @@ def test_online_features_equal_the_stored_ones(tiny_llama, smollm2_tokenizer, tm
     ds[0]  # opens a shard handle; DataLoader workers under spawn must still get a picklable dataset
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone[4]["aux_hidden"], offline[4]["aux_hidden"])
-    batch = hs.collate_features(offline[:3])
+    from eaglebook.train import collate
+
+    batch = collate(offline[:3])  # the trainer's batching takes the reader's items as they are
     assert batch["aux_hidden"].shape[:2] == batch["attention_mask"].shape
     assert int(batch["attention_mask"].sum()) == sum(len(s["input_ids"]) for s in seqs[:3])
 
