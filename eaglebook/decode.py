@@ -716,6 +716,9 @@ def compare(decoder: EagleDecoder, prompts: list[list[int]], max_new_tokens: int
     return {"rows": rows, "total": tot}
 
 
+DEFAULT_HEAD = "smollm2-135m-eagle3"  # the shipped default head's name (issue 9)
+
+
 def load_head(target, draft_path: str | None = None, dtype=None):
     """A draft head for `target`: from `draft_path` (a saved head or a shipped name) when given,
     else an untrained one from `build_draft` (accept_length ~1, output unchanged)."""
@@ -725,11 +728,36 @@ def load_head(target, draft_path: str | None = None, dtype=None):
         loader = getattr(draft_mod, "load_draft", None)
         if loader is None:
             raise DecodeError(f"cannot load {draft_path!r}: this eaglebook has no draft.load_draft yet")
-        d = loader(draft_path, target=target) if "target" in loader.__code__.co_varnames else loader(draft_path)
+        try:
+            d = loader(draft_path, target=target)
+        except TypeError:  # a loader that does not check against the target
+            d = loader(draft_path)
     else:
         d = draft_mod.build_draft(target)
     dt = dtype or next(target.parameters()).dtype
     return d.to(device=next(target.parameters()).device, dtype=dt).eval().requires_grad_(False)
+
+
+def resolve_head(target, draft_path: str = "", run_dir: str | None = None, dtype=None):
+    """(head, description): `draft_path` if given; else notebook 04's head in `run_dir`; else the
+    shipped default; else an untrained head (said plainly: it lowers accept_length only)."""
+    if draft_path:
+        return load_head(target, draft_path, dtype), f"head from {draft_path}"
+    candidates = []
+    if run_dir:
+        p = Path(run_dir) / "04-ttt-training" / "draft"
+        if p.exists():
+            candidates.append((str(p), f"trained head from notebook 04 ({p})"))
+    candidates.append((DEFAULT_HEAD, f"shipped default head {DEFAULT_HEAD!r}"))
+    reasons = []
+    for path, what in candidates:
+        try:
+            return load_head(target, path, dtype), what
+        except Exception as exc:  # fall through to the next candidate, and say why
+            reasons.append(f"{what}: {type(exc).__name__}: {str(exc)[:160]}")
+    return load_head(target, None, dtype), ("UNTRAINED head (build_draft): accept_length will be ~1 and there "
+                                            "is no speedup, but the output is unchanged. Not used: "
+                                            + " | ".join(reasons))
 
 
 @dataclass
