@@ -56,7 +56,7 @@ def draw_draft_tree(tree, tokenizer=None, accepted_nodes=None, bonus_token: int 
             labels[i] = f"root\n{_token_label(tokenizer, t)}"
         else:
             cond = math.exp(tree.scores[i] - tree.scores[tree.parents[i]])
-            labels[i] = f"{_token_label(tokenizer, t)}\n{cond:.2f} ({math.exp(tree.scores[i]):.2f})"
+            labels[i] = f"{_token_label(tokenizer, t)}\n{cond:.2g} ({math.exp(tree.scores[i]):.2g})"
     pos = _tree_layout(tree.parents, tree.depths)
     if bonus_token is not None and accepted_nodes:
         last = accepted_nodes[-1]
@@ -64,7 +64,8 @@ def draw_draft_tree(tree, tokenizer=None, accepted_nodes=None, bonus_token: int 
         g.add_node(b)
         g.add_edge(last, b)
         labels[b] = f"bonus\n{_token_label(tokenizer, bonus_token)}"
-        pos[b] = (pos[last][0] + 1, pos[last][1])
+        # one column right of the last accepted node, below everything so it overlaps nothing
+        pos[b] = (pos[last][0] + 1, min(y for _, y in pos.values()) - 1)
     for i in g.nodes:
         colors.append("#f4a261" if i == len(tree.tokens) else "#2a9d8f" if i in acc else "#e9ecef")
     depth = max(tree.depths) + 2

@@ -23,8 +23,16 @@ def check_00(r):
     assert r["mtbench_questions"] == 80 and r["humaneval_problems"] == 164
 
 
+def check_05(r):
+    assert r["prompts_checked"] >= 2
+    assert r["lossless_ok"], "EAGLE changed a float32 greedy output"
+    assert r["accept_length_mean"] >= 1.0 and r["speedup"] > 0
+    assert set(r["settings"]) == {"chain", "tree"}
+
+
 CHECKS = {
     "00-setup-check": check_00,
+    "05-tree-decoding": check_05,
 }
 
 
