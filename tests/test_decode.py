@@ -450,3 +450,22 @@ def test_smollm2_lossless_many_prompts(smollm2, spec, all_threads):
             failures.append((kind, len(p), v))
     print(f"{identical}/{len(prompts)} identical; failures: {failures}")
     assert not failures
+
+
+def test_generate_cli_writes_jsonl(smollm2, tmp_path):
+    import json
+
+    from eaglebook.cli import main
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text(json.dumps({"id": "fr", "prompt": "What is the capital of France? Answer in one sentence."}) + "\n"
+                   + json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    rc = main(["generate", "--prompts", str(src), "--output", str(out), "--max_new_tokens", "12",
+               "--num_steps", "2", "--topk", "2", "--num_draft_tokens", "4", "--baseline", "--threads", "1"])
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert rc == 0 and [r["id"] for r in rows] == ["fr", 1]
+    tok = smollm2[1]
+    for r in rows:
+        assert r["identical"] and r["text"] == tok.decode(r["token_ids"], skip_special_tokens=True)
+        assert sum(r["accept_lengths"]) + 1 == len(r["token_ids"]) and 0 < len(r["token_ids"]) <= 12
