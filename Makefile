@@ -22,4 +22,4 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 clean-notebooks:
-	$(VENV)/bin/nbstripout --extra-keys "metadata.jupytext metadata.language_info" notebooks/*.ipynb
+	$(VENV)/bin/nbstripout --extra-keys "metadata.jupytext metadata.language_info cell.metadata.lines_to_next_cell" notebooks/*.ipynb

@@ -5,4 +5,11 @@ from .device import setup  # noqa: E402
 from .target import DEFAULT_TARGET, load_target, target_info  # noqa: E402
 from . import runner  # noqa: E402,F401
 
-__all__ = ["__version__", "setup", "DEFAULT_TARGET", "load_target", "target_info"]
+
+def load_draft(name_or_path, target=None, tokenizer=None, dtype=None):
+    """A draft head by shipped name ("smollm2-135m-eagle3") or folder, checked against `target`."""
+    from .export import load_draft as _load
+
+    return _load(name_or_path, target=target, tokenizer=tokenizer, dtype=dtype)
+
+__all__ = ["__version__", "setup", "DEFAULT_TARGET", "load_target", "target_info", "load_draft"]

@@ -61,7 +61,7 @@ def _load_stage_commands() -> None:
     import importlib
 
     for mod in ("eaglebook.decode", "eaglebook.bench", "eaglebook.hidden_states", "eaglebook.train",
-                "eaglebook.regenerate"):
+                "eaglebook.regenerate", "eaglebook.recipe"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
@@ -72,6 +72,11 @@ def _load_stage_commands() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _load_stage_commands()
+    if __name__ == "__main__":
+        # `python -m eaglebook.cli`: stage modules registered into the importable eaglebook.cli
+        import eaglebook.cli as _cli
+
+        COMMANDS.update(_cli.COMMANDS)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: eaglebook {" + ",".join(COMMANDS) + "} [options]   (eaglebook CMD --help for options)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
@@ -81,4 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the registry of the importable `eaglebook.cli`, the module stage modules register
+    # their commands in (under `python -m`, this file is a separate `__main__` module).
+    from eaglebook.cli import main as _main
+
+    sys.exit(_main())

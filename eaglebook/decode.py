@@ -723,15 +723,10 @@ def load_head(target, draft_path: str | None = None, dtype=None):
     """A draft head for `target`: from `draft_path` (a saved head or a shipped name) when given,
     else an untrained one from `build_draft` (accept_length ~1, output unchanged)."""
     from . import draft as draft_mod
+    from .export import load_draft
 
     if draft_path:
-        loader = getattr(draft_mod, "load_draft", None)
-        if loader is None:
-            raise DecodeError(f"cannot load {draft_path!r}: this eaglebook has no draft.load_draft yet")
-        try:
-            d = loader(draft_path, target=target)
-        except TypeError:  # a loader that does not check against the target
-            d = loader(draft_path)
+        d = load_draft(draft_path, target=target)
     else:
         d = draft_mod.build_draft(target)
     dt = dtype or next(target.parameters()).dtype

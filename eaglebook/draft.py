@@ -22,6 +22,7 @@ from transformers import LlamaConfig
 from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
+    LlamaDecoderLayer,
     LlamaMLP,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
@@ -212,3 +213,104 @@ def build_draft(target, d2t: torch.Tensor | None = None, t2d: torch.Tensor | Non
     draft.init_from_target(target, lm_head_rows=init_lm_head)
     dev = next(target.parameters()).device
     return draft.to(device=dev, dtype=dtype or next(target.parameters()).dtype)
+
+
+# --------------------------------------------------------------------------------------
+# EAGLE-1/2: the head EAGLE-3 grew out of
+# --------------------------------------------------------------------------------------
+
+class Eagle1Draft(nn.Module):
+    """The EAGLE-1/2 draft head: `fc` over cat(embedding, feature), one decoder layer, the
+    target's own lm_head.
+
+    The feature is the target's *final* hidden state (`hidden_states[N]`, already normalized)
+    at the first step, and the draft's own output at later steps: EAGLE-1 regresses that
+    feature, so the output goes straight into the target's lm_head (no final norm). Layer 0
+    has no `input_layernorm` (the fc output enters attention as is). Keys follow SGLang's
+    `LlamaForCausalLMEagle`: `fc.weight`, `fc.bias`, `layers.0.*`.
+    Same forward signature and output as `Eagle3Draft`; its vocabulary is the full target one.
+    """
+
+    def __init__(self, config: LlamaConfig, fc_bias: bool = True):
+        super().__init__()
+        self.config = config
+        H, V = config.hidden_size, config.vocab_size
+        if config.draft_vocab_size != V:
+            raise DraftError(f"an EAGLE-1/2 head predicts the full target vocabulary ({V}); "
+                             f"got draft_vocab_size {config.draft_vocab_size}")
+        self.embed_tokens = nn.Embedding(V, H)
+        self.embed_tokens.weight.requires_grad_(False)  # shared with the target, frozen
+        self.fc = nn.Linear(2 * H, H, bias=fc_bias)
+        if fc_bias:
+            nn.init.zeros_(self.fc.bias)  # an untrained bias of zeros exports to vLLM (which has none) too
+        layer = LlamaDecoderLayer(config, layer_idx=0)
+        layer.input_layernorm = nn.Identity()  # EAGLE drops it on layer 0: fc output enters attention
+        self.layers = nn.ModuleList([layer])
+        self.lm_head = nn.Linear(H, V, bias=False)  # the target's, frozen
+        self.lm_head.weight.requires_grad_(False)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+
+    @property
+    def draft_ids(self) -> torch.Tensor:
+        return torch.arange(self.config.vocab_size, device=self.fc.weight.device)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids  # the full vocabulary: draft ids are target ids
+
+    @torch.no_grad()
+    def init_from_target(self, target, lm_head_rows: bool = True) -> None:
+        """Copy the target's embedding and output head (both stay frozen)."""
+        emb = target.get_input_embeddings().weight
+        if emb.shape != self.embed_tokens.weight.shape:
+            raise DraftError(f"target embedding {tuple(emb.shape)} != draft {tuple(self.embed_tokens.weight.shape)}")
+        self.embed_tokens.weight.copy_(emb)
+        if lm_head_rows:
+            self.lm_head.weight.copy_(target.get_output_embeddings().weight)
+
+    def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, past_key_values: DynamicCache | None = None,
+                logits: bool = True) -> DraftOutput:
+        """One draft pass; arguments as `Eagle3Draft.forward`, but `hidden` is always H wide."""
+        if hidden.shape[-1] != self.config.hidden_size:
+            raise DraftError(f"hidden width {hidden.shape[-1]} != {self.config.hidden_size}: an EAGLE-1/2 head "
+                             "reads the target's final hidden state (or its own output)")
+        if attention_mask is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            T = input_ids.shape[1]
+            attention_mask = causal_mask(T, past + T, device=input_ids.device)
+        embeds = self.embed_tokens(input_ids).to(self.fc.weight.dtype)
+        h = self.fc(torch.cat([embeds, hidden.to(self.fc.weight.dtype)], dim=-1))
+        pos_emb = self.rotary_emb(h, position_ids)
+        for layer in self.layers:
+            h = layer(h, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, position_embeddings=pos_emb)
+        lg = self.lm_head(h) if logits else None
+        return DraftOutput(logits=lg, hidden=h, past_key_values=past_key_values)
+
+
+def build_eagle1_draft(target, fc_bias: bool = True, dtype: torch.dtype | None = None) -> Eagle1Draft:
+    """An EAGLE-1/2 head for `target`, sharing its embedding and lm_head (frozen)."""
+    cfg = draft_config_from_target(target.config)
+    draft = Eagle1Draft(cfg, fc_bias=fc_bias)
+    draft.init_from_target(target)
+    dev = next(target.parameters()).device
+    return draft.to(device=dev, dtype=dtype or next(target.parameters()).dtype)
+
+
+def count_parameters(module: nn.Module) -> dict[str, int]:
+    """Trainable parameters by top-level module, plus `trainable` and `frozen` totals.
+
+    Frozen tensors (the embedding shared with the target, an EAGLE-1 head's borrowed lm_head)
+    are not the draft's own cost, so they count only under `frozen`.
+    """
+    out: dict[str, int] = {}
+    frozen = 0
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            frozen += p.numel()
+            continue
+        key = name.split(".")[0]
+        out[key] = out.get(key, 0) + p.numel()
+    out["trainable"] = sum(out.values())
+    out["frozen"] = frozen
+    return out

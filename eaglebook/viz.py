@@ -1,11 +1,379 @@
-"""Plot helpers for the notebooks. Each returns a matplotlib Figure (headless-safe)."""
+"""Figures for the notebooks. Every helper returns a matplotlib Figure (headless-safe)."""
 from __future__ import annotations
 
-import matplotlib
+import html
 
-matplotlib.use(matplotlib.get_backend() or "Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyBboxPatch
 
+TRAINABLE, FROZEN, TENSOR = "#cfe3ff", "#e3e3e3", "#ffffff"
+
+
+# --------------------------------------------------------------------------------------
+# Notebook 01: loss masks and data
+# --------------------------------------------------------------------------------------
+
+TRAINED_BG = "#b7e4c7"  # green: the draft learns to predict this token
+CONTEXT_BG = "#eceff1"  # grey: context only (system/user text, headers, scaffolding)
+
+
+def _show_token(piece: str) -> str:
+    # Make whitespace visible so token boundaries are unambiguous.
+    return html.escape(piece.replace(" ", "\u00b7").replace("\n", "\u21b5\n").replace("\t", "\u2192"))
+
+
+def mask_html(tokenizer, input_ids, loss_mask, max_tokens: int | None = 400, title: str = "") -> str:
+    """The loss mask as coloured tokens: one bordered box per token, green where trained."""
+    n = len(input_ids) if max_tokens is None else min(len(input_ids), max_tokens)
+    pieces = [tokenizer.decode([t], skip_special_tokens=False) for t in input_ids[:n]]
+    boxes = []
+    for t, m, p in zip(input_ids[:n], loss_mask[:n], pieces):
+        bg = TRAINED_BG if m else CONTEXT_BG
+        boxes.append(f'<span title="id {t}, mask {m}" style="background:{bg};border:1px solid #90a4ae;'
+                     f'border-radius:3px;margin:1px;padding:0 2px;white-space:pre-wrap">{_show_token(p)}</span>')
+    more = f"<div><i>... {len(input_ids) - n} more tokens</i></div>" if n < len(input_ids) else ""
+    legend = (f'<div style="margin-bottom:4px"><span style="background:{TRAINED_BG};padding:0 4px">trained '
+              f'(loss_mask=1): {sum(loss_mask)}</span> <span style="background:{CONTEXT_BG};padding:0 4px">'
+              f'context (loss_mask=0): {len(loss_mask) - sum(loss_mask)}</span></div>')
+    head = f"<h4>{html.escape(title)}</h4>" if title else ""
+    return (f'<div style="font-family:monospace;font-size:12px;line-height:1.9">{head}{legend}'
+            f'{"".join(boxes)}{more}</div>')
+
+
+def sample_browser(dataset, tokenizer, max_tokens: int = 400):
+    """An ipywidgets slider over samples, drawn over a static first sample (which is what a
+    headless run keeps). Returns the widget, or None when ipywidgets is missing."""
+    from IPython.display import HTML, display
+
+    def render(i: int) -> str:
+        row = dataset[i]
+        return mask_html(tokenizer, row["input_ids"], row["loss_mask"], max_tokens,
+                         title=f"sample {i}: {row.get('id', '')} ({len(row['input_ids'])} tokens)")
+
+    display(HTML(render(0)))
+    try:
+        import ipywidgets as w
+    except ImportError:
+        return None
+    out = w.HTML(render(0))
+    slider = w.IntSlider(value=0, min=0, max=max(len(dataset) - 1, 0), description="sample")
+    slider.observe(lambda change: setattr(out, "value", render(change["new"])), names="value")
+    return w.VBox([slider, out])
+
+
+def plot_lengths(datasets: dict, bins: int = 30):
+    """Histograms of sequence length and of the trained fraction per sample, one series per
+    dataset (e.g. {"ShareGPT answers": ds1, "regenerated": ds2})."""
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for name, ds in datasets.items():
+        lengths = [len(x) for x in ds["input_ids"]]
+        frac = [sum(m) / max(len(m), 1) for m in ds["loss_mask"]]
+        a.hist(lengths, bins=bins, alpha=0.6, label=name)
+        b.hist(frac, bins=bins, range=(0, 1), alpha=0.6, label=name)
+    a.set(xlabel="tokens per sample", ylabel="samples", title="Sequence length")
+    b.set(xlabel="trained tokens / all tokens", title="Trained fraction per sample")
+    a.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_coverage(curves: dict, draft_vocab: int | None = None):
+    """Share of trained tokens the draft vocab covers vs its size: {name: (sizes, coverage)}."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, (sizes, cov) in curves.items():
+        ax.plot(sizes, cov, marker="o", ms=3, label=name)
+    if draft_vocab:
+        ax.axvline(draft_vocab, color="grey", ls="--", lw=1)
+        ax.text(draft_vocab, 0.02, f" draft_vocab={draft_vocab}", color="grey", fontsize=8)
+    ax.set(xscale="log", ylim=(0, 1.02), xlabel="draft vocab size (top-k trained tokens)",
+           ylabel="trained tokens covered", title="Draft-vocabulary coverage")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_skips(report, ax=None):
+    """Skipped records by reason (a NormalizeReport) as horizontal bars."""
+    import matplotlib.pyplot as plt
+
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, max(1.8, 0.8 + 0.35 * len(report.skipped))))
+    items = report.skipped.most_common()
+    ax.barh([r for r, _ in items][::-1], [n for _, n in items][::-1], color="#e57373")
+    ax.set(xlabel="records", title=f"{report.source}: {report.n_skipped} of {report.read} skipped")
+    if fig is not None:
+        fig.tight_layout()
+    return fig or ax.figure
+
+
+# --------------------------------------------------------------------------------------
+# Notebook 03: the draft head
+# --------------------------------------------------------------------------------------
+
+def draw_eagle3_head(config, draft_vocab_size: int | None = None):
+    """The EAGLE-3 head as a block diagram, every box labelled with its shape for `config`
+    (a draft config from `draft_config_from_target`). Blue: trained; grey: the target's, frozen."""
+    H, I = config.hidden_size, config.intermediate_size
+    Ht = getattr(config, "target_hidden_size", H)
+    Vd = draft_vocab_size or getattr(config, "draft_vocab_size", config.vocab_size)
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    fig, ax = plt.subplots(figsize=(10, 8))
+    ax.set_xlim(0.3, 10)
+    ax.set_ylim(0.4, 12.8)
+    ax.axis("off")
+
+    def box(x, y, text, color, w=3.0, h=0.8):
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05",
+                                    fc=color, ec="#333333", lw=1))
+        ax.text(x, y, text, ha="center", va="center", fontsize=8.5)
+        return (x, y, h)
+
+    def arrow(a, b, text=None, style="-|>", color="#333333", rad=0.0):
+        ax.annotate("", xy=(b[0], b[1] + b[2] / 2 + 0.05), xytext=(a[0], a[1] - a[2] / 2 - 0.05),
+                    arrowprops=dict(arrowstyle=style, color=color, lw=1.2, connectionstyle=f"arc3,rad={rad}"))
+        if text:
+            ax.text((a[0] + b[0]) / 2 + 0.1, (a[1] + b[1]) / 2, text, fontsize=7.5, color="#555555")
+
+    feats = box(7.0, 12.3, f"target features low | mid | high\n[T, 3×{Ht}]", TENSOR, w=3.6)
+    ids = box(2.6, 12.3, "next tokens x(t+1)\n[T]", TENSOR, w=2.6)
+    fc = box(7.0, 10.9, f"fc  {3 * Ht} → {H}  (no bias)", TRAINABLE)
+    emb = box(2.6, 10.9, f"embed_tokens  [{config.vocab_size}, {H}]\n(the target's, frozen)", FROZEN, w=3.4)
+    hn = box(7.0, 9.5, f"hidden_norm  [{H}]", TRAINABLE)
+    ln = box(2.6, 9.5, f"input_layernorm  [{H}]", TRAINABLE)
+    cat = box(4.8, 8.1, f"cat(embedding, feature)  [T, {2 * H}]", TENSOR, w=4.0)
+    att = box(4.8, 6.7, f"self_attn: q {2 * H}→{q}, k/v {2 * H}→{kv}\no {q}→{H}  (RoPE, causal, KV cache)",
+              TRAINABLE, w=4.6, h=0.9)
+    add1 = box(4.8, 5.3, "+ residual (the fc output / previous h)", TENSOR, w=4.0)
+    mlp = box(4.8, 3.9, f"post_attention_layernorm, MLP {H}→{I}→{H}, + residual", TRAINABLE, w=5.0)
+    out = box(4.8, 2.5, f"h  [T, {H}]  (pre-norm)", TENSOR)
+    head = box(2.6, 1.0, f"norm, lm_head  {H} → {Vd}\nlogits over draft_vocab (d2t → target ids)", TRAINABLE,
+               w=4.0, h=0.9)
+    nxt = box(7.6, 1.0, "the next draft step's feature\n(replaces fc's output; skips fc)", TENSOR, w=3.6, h=0.9)
+    arrow(feats, fc)
+    arrow(ids, emb)
+    arrow(fc, hn)
+    arrow(emb, ln)
+    arrow(hn, cat)
+    arrow(ln, cat)
+    arrow(cat, att)
+    arrow(att, add1)
+    arrow(add1, mlp)
+    arrow(mlp, out)
+    arrow(out, head)
+    arrow(out, nxt)
+    # the residual skips the norms and attention: it is the fc output itself
+    ax.plot([8.55, 9.3, 9.3], [10.9, 10.9, 5.3], color="#1f5fbf", lw=1.2, ls="--")
+    ax.annotate("", xy=(6.85, 5.3), xytext=(9.3, 5.3),
+                arrowprops=dict(arrowstyle="-|>", color="#1f5fbf", lw=1.2, ls="--"))
+    ax.text(9.4, 8.0, "residual", color="#1f5fbf", fontsize=7.5, rotation=90, va="center")
+    ax.set_title("EAGLE-3 draft head: one decoder layer over cat(embedding, fused target features)", fontsize=10)
+    return fig
+
+
+def plot_parameter_budget(rows: dict[str, dict[str, int]], target_params: dict[str, int]):
+    """Stacked bars: each head's trainable parameters (fc, decoder layer, norm, lm_head) as a
+    percentage of its target's parameters. `rows[name]` comes from `count_parameters`."""
+    parts = [("fc", "fc"), ("midlayer", "decoder layer"), ("norm", "norm"), ("lm_head", "lm_head")]
+    colors = ["#8fb8ff", "#3d7be0", "#999999", "#f0a04b"]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * len(rows)))
+    names = list(rows)
+    for i, name in enumerate(names):
+        left = 0.0
+        for (key, label), c in zip(parts, colors):
+            pct = 100.0 * rows[name].get(key, 0) / target_params[name]
+            ax.barh(i, pct, left=left, color=c, label=label if i == 0 else None)
+            left += pct
+        ax.text(left + 0.3, i, f"{left:.1f}%", va="center", fontsize=9)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("trainable draft parameters, % of the target's")
+    ax.legend(loc="lower right", fontsize=8, ncol=4)
+    ax.set_xlim(0, max(ax.get_xlim()[1], 5) * 1.12)
+    fig.tight_layout()
+    return fig
+
+
+def plot_vocab_coverage(sizes, coverage, chosen: int | None = None):
+    """Share of (held-out) assistant tokens whose id is in a draft_vocab of each size."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    ax.plot(sizes, [100 * c for c in coverage], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("draft_vocab size (most frequent ids)")
+    ax.set_ylabel("tokens covered (%)")
+    if chosen is not None:
+        ax.axvline(chosen, color="#f0a04b", ls="--", label=f"chosen: {chosen}")
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# 04 · TTT training
+# --------------------------------------------------------------------------------------
+
+def plot_ttt_mask(T: int = 8, steps: int = 3):
+    """The TTT attention mask: queries of step k (rows) over the keys of steps 0..k (columns)."""
+    import matplotlib.pyplot as plt
+
+    from .train import ttt_mask
+
+    fig, axes = plt.subplots(1, steps, figsize=(3.2 * steps, 3.0), gridspec_kw={"width_ratios": list(range(1, steps + 1))})
+    for k, ax in enumerate(axes if steps > 1 else [axes]):
+        m = ttt_mask(T, k)[0, 0].float().numpy()
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=1.3, aspect="equal", interpolation="nearest")
+        for s in range(1, k + 1):
+            ax.axvline(s * T - 0.5, color="black", lw=1)
+        ax.set_title(f"step {k}: keys of steps 0..{k}", fontsize=9)
+        ax.set_xlabel("key (step, position)")
+        ax.set_xticks([s * T + T / 2 - 0.5 for s in range(k + 1)], [f"step {s}" for s in range(k + 1)], fontsize=8)
+        ax.set_yticks(range(T))
+        if k == 0:
+            ax.set_ylabel("query position t")
+    fig.suptitle("Each query sees the true prefix (causal) and its own chain (diagonal)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(log_csv, ttt_steps: int):
+    """Loss (left) and accuracy per TTT position (right) over training, from the Trainer's CSV log."""
+    import csv
+
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(log_csv)))
+    train = [r for r in rows if r.get("loss")]
+    evals = [r for r in rows if r.get("eval_acc_0")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    a.plot([int(r["step"]) for r in train], [float(r["loss"]) for r in train], label="train loss (weighted sum)")
+    if evals:
+        a.plot([int(r["step"]) for r in evals], [float(r["eval_loss"]) for r in evals], "o-", label="held-out loss")
+    a.set_xlabel("step")
+    a.set_ylabel("loss")
+    a.legend()
+    cmap = plt.get_cmap("viridis")
+    src, key = (evals, "eval_acc_") if len(evals) > 1 else (train, "train_acc_")
+    for k in range(ttt_steps):
+        pts = [(int(r["step"]), float(r[f"{key}{k}"])) for r in src if r.get(f"{key}{k}")]
+        if pts:
+            b.plot(*zip(*pts), color=cmap(k / max(1, ttt_steps - 1)), label=f"position {k}")
+    b.set_xlabel("step")
+    b.set_ylabel("top-1 accuracy" + (" (held out)" if src is evals else " (train batches)"))
+    b.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_step_accuracy(runs: dict[str, dict], ttt_steps: int, prefix: str = "eval_"):
+    """Bars of accuracy and conditional accuracy per TTT position, one colour per run."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True)
+    w = 0.8 / max(1, len(runs))
+    x = np.arange(ttt_steps)
+    for i, (name, m) in enumerate(runs.items()):
+        for ax, key in zip(axes, ("acc_", "cond_acc_")):
+            ax.bar(x + i * w, [m[f"{prefix}{key}{k}"] for k in range(ttt_steps)], w,
+                   label=f"{name} (tau_sim {m[f'{prefix}tau_sim']:.2f})")
+    for ax, title in zip(axes, ("accuracy per position", "conditional accuracy (previous steps right)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("TTT position k")
+        ax.set_xticks(x + w * (len(runs) - 1) / 2, [str(k) for k in range(ttt_steps)])
+    axes[0].set_ylabel("top-1 agreement with the target")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# Notebook 06: benchmarks
+# --------------------------------------------------------------------------------------
+
+def plot_speedup_by_category(summary: dict, title: str = "EAGLE speedup per category"):
+    """Bars of speedup (EAGLE tok/s / baseline tok/s) per prompt category, accept_length on top.
+
+    `summary` is `result["summary"]` from `eaglebook.bench.run_benchmark`.
+    """
+    rows = [r for r in summary.get("per_category", []) if r.get("speedup") is not None]
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(rows) + 2), 3.4))
+    cats = [r["category"] for r in rows] + ["all"]
+    vals = [r["speedup"] for r in rows] + [summary.get("speedup") or 0.0]
+    colors = ["tab:blue"] * len(rows) + ["tab:orange"]
+    bars = ax.bar(cats, vals, color=colors)
+    accs = [r.get("accept_length") for r in rows] + [summary.get("eagle", {}).get("accept_length")]
+    for b, a in zip(bars, accs):
+        if a is not None:
+            ax.annotate(f"τ={a:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                        fontsize=8)
+    ax.axhline(1.0, color="gray", ls="--", lw=1)
+    ax.set_ylabel("speedup (x)")
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def plot_throughput_vs_accept_length(settings: list[dict], baseline_tok_s: float | None = None,
+                                     title: str = "Throughput vs accept length across draft settings"):
+    """One point per draft setting (num_steps, topk, num_draft_tokens): EAGLE tok/s against
+    accept_length, with the baseline's tok/s as a line. Points above the line pay off."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    pts = [r for r in settings if r.get("accept_length") is not None and r.get("eagle_tok_s") is not None]
+    for r in pts:
+        marker = "o" if r.get("topk", 2) != 1 else "s"
+        ax.scatter(r["accept_length"], r["eagle_tok_s"], marker=marker, color="tab:blue")
+        ax.annotate(r.get("config", ""), (r["accept_length"], r["eagle_tok_s"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    if baseline_tok_s is None and settings:
+        base = [r.get("baseline_tok_s") for r in settings if r.get("baseline_tok_s")]
+        baseline_tok_s = sum(base) / len(base) if base else None
+    if baseline_tok_s:
+        ax.axhline(baseline_tok_s, color="tab:red", ls="--", lw=1, label=f"baseline {baseline_tok_s:.1f} tok/s")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel("accept_length (tokens per verification)")
+    ax.set_ylabel("EAGLE output tok/s")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_concurrency(rows: list[dict], title: str = "Per-request throughput vs concurrency"):
+    """Per-request tok/s (solid) and aggregate tok/s (dashed) against concurrency, for baseline
+    and EAGLE; where EAGLE's per-request line meets the baseline's, speculation stops paying."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    colors = {"baseline": "tab:red", "eagle": "tab:blue"}
+    for mode in ("baseline", "eagle"):
+        for cfg in sorted({r.get("config", "") for r in rows if r["mode"] == mode}):
+            sel = sorted((r for r in rows if r["mode"] == mode and r.get("config", "") == cfg),
+                         key=lambda r: r["concurrency"])
+            if not sel:
+                continue
+            xs = [r["concurrency"] for r in sel]
+            label = mode if not cfg or mode == "baseline" else f"{mode} {cfg}"
+            ax.plot(xs, [r["tok_s_per_request"] for r in sel], "o-", color=colors[mode], label=f"{label} per request")
+            ax.plot(xs, [r["tok_s"] for r in sel], "x--", color=colors[mode], alpha=0.6, label=f"{label} aggregate")
+    levels = sorted({r["concurrency"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("output tok/s")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# Notebook 05: tree decoding
+# --------------------------------------------------------------------------------------
 
 def _token_label(tokenizer, tid: int, width: int = 10) -> str:
     if tokenizer is None:

@@ -23,6 +23,72 @@ def check_00(r):
     assert r["mtbench_questions"] == 80 and r["humaneval_problems"] == 164
 
 
+def check_03(r):
+    p = r["params"]
+    assert p["trainable"] == p["fc"] + p["midlayer"] + p["norm"] + p["lm_head"] > 0
+    assert p["frozen"] == 49152 * 576  # SmolLM2's shared embedding, not counted as the draft's
+    assert p["fc"] == 3 * 576 * 576 and p["lm_head"] == r["draft_vocab_size"] * 576
+    assert 0 < r["params_pct_of_target"] < r["params_full_vocab_pct_of_target"]
+    assert 1 < r["llama8b_params_pct_of_target"] < 6  # the 8B rule of thumb holds there
+    assert 0.5 < r["vocab_coverage_held_out"] <= 1
+    assert set(r["round_trip_max_abs_diff"]) == {"eagle3", "speculators", "eagle1-sglang", "eagle1-vllm"}
+    assert all(v == 0.0 for v in r["round_trip_max_abs_diff"].values())
+    assert r["hand_written_layer_max_abs_diff"] < 1e-4
+    assert r["aux_layers"] == {"hf": [2, 15, 27], "sglang": [1, 14, 26], "default": True}
+    draft_dir = Path(r["draft_dir"])
+    assert (draft_dir / "config.json").is_file() and (draft_dir / "eaglebook.json").is_file()
+
+def check_02(r):
+    assert r["aux_layers_hf"] == [2, 15, 27] and r["aux_layers_sglang"] == [1, 14, 26]
+    assert r["sequences"] == 16 and r["tokens"] > 16 * 20
+    assert r["shards_written"] >= 2  # shard_mb 2.0 splits the CI store
+    # bf16: 4 x 576 x 2 B of features + 4 B id + 1 B mask per token, plus small safetensors headers.
+    assert r["bytes_per_token_formula"] == 4 * 576 * 2 + 5
+    assert r["bytes_per_token_formula"] <= r["bytes_per_token"] < 1.05 * r["bytes_per_token_formula"]
+    assert r["capture_tok_s"] > 0 and r["plain_forward_tok_s"] > 0  # timings are reported, not asserted
+    assert r["resume_regenerated"] == 1 and r["resume_reused"] == r["shards_written"] - 1
+    assert r["online_min_cosine"] > 0.99
+    assert all(0 < e < 0.06 for e in r["fp8_token_rel_err"] + r["fp8_channel_rel_err"])
+    assert 79.9 < r["example_32b_mib_per_2k_sample"] < 80.1
+    assert r["rtx3090_llama8b_batch_at_2048"] >= 1
+
+def check_06(r):
+    assert r["backend"] in ("inprocess", "sglang", "openai")
+    assert r["prompts"] == 2 and r["per_category"], "every prompt paired, per category"
+    assert r["baseline_tok_s"] > 0 and r["eagle_tok_s"] > 0 and r["speedup"] > 0
+    assert r["accept_length"] >= 1.0  # the bonus token alone gives 1
+    assert [s["config"] for s in r["settings"]] == ["s2-k1-n3", "s2-k2-n4"]
+    assert {c["concurrency"] for c in r["concurrency"]} == {1, 2}
+    if r["backend"] == "inprocess" and r["dtype"] == "float32":
+        assert r["identical_share"] == 1.0
+    assert {"speedup_by_category.png", "throughput_vs_accept_length.png", "concurrency.png",
+            "bench.json", "bench.csv"} <= set(r["files"])
+
+
+def check_04(r):
+    assert r["last_loss"] < r["first_loss"]  # the loss falls
+    assert r["final"]["eval_acc_0"] > r["untrained"]["eval_acc_0"]  # and beats the untrained head
+    assert len(r["acc_per_position"]) == r["ttt_steps"] == 7
+    assert 1.0 <= r["tau_sim"] <= r["ttt_steps"] + 1
+    assert r["train_tok_s"] > 0 and r["steps"] == 30
+    assert r["draft_vocab_size"] == 4096 and 0 <= r["dropped_frac"] < 0.5
+    assert (Path(r["draft_dir"]) / "eaglebook.json").is_file()
+
+def check_01(r):
+    from eaglebook import regenerate, vocab
+
+    assert r["records_read"] == 200 and r["records_read"] == r["records_kept"] + r["records_skipped"]
+    assert r["tokenized_rows"] > 100 and 0.2 < r["trained_token_fraction"] < 0.95
+    assert r["regen_rows"] == 4 and r["train_rows"] + r["holdout_rows"] == 4 and r["holdout_rows"] >= 1
+    assert r["regen_tokens_per_second"] > 0 and 0 < r["regen_trained_fraction"] < 1
+    assert r["mask_checked_rows"] >= 50  # the notebook's own assertions ran on real rows
+    assert 0 < r["draft_vocab_coverage_holdout"] <= 1 and r["draft_vocab_coverage_train"] == 1.0
+    ds, meta = regenerate.load_regenerated(r["dataset_dir"], expect={"template_hash": r["template_hash"]})
+    assert meta["weights_fingerprint"] == r["weights_fingerprint"]
+    assert sum(map(sum, ds["train"]["loss_mask"])) == sum(ds["train"]["answer_tokens"])
+    d2t, t2d, _ = vocab.load_vocab_map(r["vocab_map"])
+    assert len(d2t) == r["draft_vocab"] == 2048
+
 def check_05(r):
     assert r["prompts_checked"] >= 2
     assert r["lossless_ok"], "EAGLE changed a float32 greedy output"
@@ -32,6 +98,11 @@ def check_05(r):
 
 CHECKS = {
     "00-setup-check": check_00,
+    "03-draft-head": check_03,
+    "04-ttt-training": check_04,
+    "02-hidden-states": check_02,
+    "06-sglang-benchmark": check_06,
+    "01-loss-masks": check_01,
     "05-tree-decoding": check_05,
 }
 

@@ -1,0 +1,475 @@
+"""Training-time test (TTT): train an EAGLE-3 head on its own multi-step predictions.
+
+At inference the draft runs several steps in a row, each feeding its own output back in.
+Training only on the target's features (step 0) leaves the later steps untrained, so
+EAGLE-3 unrolls `ttt_steps` steps during training:
+
+    position t, step 0: feature = target's fused aux features at t, token = x_{t+1},
+                        teacher = the target's distribution at t+1 (it predicts x_{t+2})
+    position t, step k: feature = the draft's own step k-1 output at t, token = x_{t+1+k},
+                        teacher = the target's distribution at t+1+k
+    rotary position of step k at t: t + k (what the decoder uses for the k-th draft token)
+
+Attention: a step-k query at t sees the true prefix (step-0 keys 0..t) and its own chain
+(steps 1..k at index t). We get that pattern from the draft's ordinary forward pass: the
+keys of every step are appended to one KV cache, and the mask is [causal | diag | ... | diag].
+
+Loss: soft cross-entropy against the target's distribution restricted to the draft vocab,
+on trained tokens (loss mask) whose teacher argmax is in the draft vocab; each step's loss
+is the mean over its own valid positions ("per trained token"), and steps are weighted
+0.8**k. The teacher is recomputed from the stored final feature through the target's
+`lm_head` only (that feature is already normalized): it is the target's own prediction,
+not the dataset's text.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from .draft import Eagle1Draft, Eagle3Draft
+
+
+# --------------------------------------------------------------------------------------
+# The TTT attention pattern
+# --------------------------------------------------------------------------------------
+
+def ttt_mask(T: int, step: int, device=None) -> torch.Tensor:
+    """[1, 1, T, (step+1)*T] bool mask of step `step`: causal over step 0, diagonal over steps 1..step."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    diag = torch.eye(T, dtype=torch.bool, device=device)
+    return torch.cat([causal] + [diag] * step, dim=1)[None, None]
+
+
+# --------------------------------------------------------------------------------------
+# One TTT forward pass (shared by training and evaluation)
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class TTTStats:
+    """Per-step counts over trained positions; summed over batches, then turned into metrics."""
+
+    ttt_steps: int
+    trained: torch.Tensor = None  # positions with a trained target token, per step
+    correct: torch.Tensor = None  # draft top-1 == teacher top-1, per step
+    chain_ok: torch.Tensor = None  # positions where all steps < k were right (denominator of cond acc)
+    chain_correct: torch.Tensor = None  # ... and step k right too
+    dropped: int = 0  # trained positions (step 0) whose teacher argmax is outside the draft vocab
+    loss_steps: torch.Tensor = None  # summed per-step loss (for averaging across batches)
+    batches: int = 0
+
+    def __post_init__(self):
+        z = lambda: torch.zeros(self.ttt_steps, dtype=torch.float64)  # noqa: E731
+        for name in ("trained", "correct", "chain_ok", "chain_correct", "loss_steps"):
+            if getattr(self, name) is None:
+                setattr(self, name, z())
+
+    def add(self, other: "TTTStats") -> None:
+        for name in ("trained", "correct", "chain_ok", "chain_correct", "loss_steps"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.dropped += other.dropped
+        self.batches += other.batches
+
+    def metrics(self, prefix: str = "") -> dict:
+        acc = (self.correct / self.trained.clamp(min=1)).tolist()
+        cond = (self.chain_correct / self.chain_ok.clamp(min=1)).tolist()
+        out = {f"{prefix}acc_{k}": a for k, a in enumerate(acc)}
+        out.update({f"{prefix}cond_acc_{k}": c for k, c in enumerate(cond)})
+        out.update({f"{prefix}loss_{k}": (self.loss_steps[k] / max(1, self.batches)).item()
+                    for k in range(self.ttt_steps)})
+        out[f"{prefix}tau_sim"] = tau_sim(cond)
+        t0 = self.trained[0].item()
+        out[f"{prefix}dropped_frac"] = self.dropped / t0 if t0 else 0.0
+        return out
+
+
+def tau_sim(cond_acc: list[float]) -> float:
+    """Simulated accept length of a greedy chain: 1 + sum_k prod_{i<=k} cond_acc_i."""
+    total, run = 1.0, 1.0
+    for c in cond_acc:
+        run *= c
+        total += run
+    return total
+
+
+@torch.no_grad()
+def teacher_from_final(final_hidden: torch.Tensor, lm_head_weight: torch.Tensor, draft_ids: torch.Tensor):
+    """The target's next-token prediction at each position, from the stored final feature.
+
+    Returns (argmax over the full target vocab [B,T], log-probs over the draft vocab [B,T,Vd]).
+    """
+    logits = final_hidden.to(lm_head_weight.dtype) @ lm_head_weight.T
+    top = logits.argmax(-1)
+    return top, torch.log_softmax(logits[..., draft_ids].float(), dim=-1)
+
+
+def ttt_forward(draft: Eagle3Draft, batch: dict, lm_head_weight: torch.Tensor, ttt_steps: int = 7,
+                decay: float = 0.8) -> tuple[torch.Tensor, TTTStats, list[torch.Tensor]]:
+    """Unroll `ttt_steps` draft steps over a padded batch; returns (loss, stats, logits per step).
+
+    batch: input_ids [B,T] long, loss_mask [B,T], attention_mask [B,T] (1 = real token),
+           aux_hidden [B,T,3H], final_hidden [B,T,H].
+    """
+    ids, aux, final = batch["input_ids"], batch["aux_hidden"], batch["final_hidden"]
+    B, T = ids.shape
+    dev = ids.device
+    real = batch["attention_mask"].bool()
+    trained = batch["loss_mask"].bool() & real
+    draft_ids = draft.draft_ids
+    teacher_top, teacher_logp = teacher_from_final(final, lm_head_weight, draft_ids)
+    in_vocab = draft.t2d[teacher_top]
+    stats = TTTStats(ttt_steps, batches=1)
+    cache = DynamicCache()
+    hidden = aux
+    chain = torch.ones(B, T, dtype=torch.bool, device=dev)
+    pos = torch.arange(T, device=dev)[None].expand(B, T)
+    losses, all_logits = [], []
+    for k in range(ttt_steps):
+        # Step k at index t reads token x_{t+1+k}; it is scored against the teacher at t+1+k
+        # on the token x_{t+2+k}. Indices past the end are padded and masked out.
+        n = T - 2 - k
+        if n <= 0:
+            break
+        inp = torch.zeros_like(ids)
+        inp[:, : T - 1 - k] = ids[:, 1 + k:]
+        out = draft(inp, hidden, pos + k, attention_mask=ttt_mask(T, k, dev), past_key_values=cache)
+        logits = out.logits.float()
+        all_logits.append(out.logits)
+        valid = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        valid[:, :n] = trained[:, 2 + k:]
+        tl = torch.zeros(B, T, teacher_logp.shape[-1], device=dev)
+        tl[:, :n] = teacher_logp[:, 1 + k: T - 1]
+        ttop = torch.zeros(B, T, dtype=torch.long, device=dev)
+        ttop[:, :n] = teacher_top[:, 1 + k: T - 1]
+        tin = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        tin[:, :n] = in_vocab[:, 1 + k: T - 1]
+        use = valid & tin
+        ce = -(tl.exp() * torch.log_softmax(logits, -1)).sum(-1)  # soft cross-entropy per position
+        loss_k = (ce * use).sum() / use.sum().clamp(min=1)
+        losses.append(loss_k * decay ** k)
+        with torch.no_grad():
+            right = (draft.to_target_ids(logits.argmax(-1)) == ttop) & valid
+            stats.trained[k] += valid.sum().item()
+            stats.correct[k] += right.sum().item()
+            stats.chain_ok[k] += (chain & valid).sum().item()
+            stats.chain_correct[k] += (chain & right).sum().item()
+            stats.loss_steps[k] += loss_k.item()
+            chain = chain & right
+            if k == 0:
+                stats.dropped += (valid & ~tin).sum().item()
+        hidden = out.hidden  # the draft's own output feeds the next step
+    loss = torch.stack(losses).sum() if losses else aux.sum() * 0
+    return loss, stats, all_logits
+
+
+def eagle1_forward(draft: Eagle1Draft, batch: dict, lm_head_weight: torch.Tensor, p_w: float = 0.1,
+                   v_w: float = 1.0, noise: float = 0.0) -> tuple[torch.Tensor, TTTStats, list[torch.Tensor]]:
+    """EAGLE-1/2 training: regress the target's next final feature and match its distribution.
+
+    Position t reads the final feature f_t and the embedding of x_{t+1}; it predicts f_{t+1}
+    (smooth-L1, weight v_w) and, through the target's lm_head, the target's distribution at
+    t+1 (soft cross-entropy, weight p_w), on trained tokens x_{t+2}. Both losses send
+    gradients into the draft (BaldEagle's detached classification loss trained nothing).
+    `noise`: uniform feature noise of that std during training, as EAGLE-1 does.
+    """
+    ids, final = batch["input_ids"], batch["final_hidden"]
+    B, T = ids.shape
+    dev = ids.device
+    trained = batch["loss_mask"].bool() & batch["attention_mask"].bool()
+    feats = final.to(draft.fc.weight.dtype)
+    if noise and draft.training:
+        feats = feats + (torch.rand_like(feats) - 0.5) * noise * math.sqrt(12)
+    n = T - 2
+    inp = torch.zeros_like(ids)
+    inp[:, : T - 1] = ids[:, 1:]
+    out = draft(inp, feats, torch.arange(T, device=dev)[None].expand(B, T))
+    stats = TTTStats(1, batches=1)
+    if n <= 0:
+        return out.hidden.sum() * 0, stats, [out.logits]
+    valid = trained[:, 2:]
+    pred, logits = out.hidden[:, :n].float(), out.logits[:, :n].float()
+    goal = final[:, 1: T - 1].float()
+    teacher_top, teacher_logp = teacher_from_final(goal, lm_head_weight, draft.draft_ids)
+    vloss = F.smooth_l1_loss(pred, goal, reduction="none").mean(-1)
+    ploss = -(teacher_logp.exp() * torch.log_softmax(logits, -1)).sum(-1)
+    denom = valid.sum().clamp(min=1)
+    loss = v_w * (vloss * valid).sum() / denom + p_w * (ploss * valid).sum() / denom
+    with torch.no_grad():
+        right = (logits.argmax(-1) == teacher_top) & valid
+        stats.trained[0] += valid.sum().item()
+        stats.correct[0] += right.sum().item()
+        stats.chain_ok[0] += valid.sum().item()
+        stats.chain_correct[0] += right.sum().item()
+        stats.loss_steps[0] += loss.item()
+    return loss, stats, [out.logits]
+
+
+def draft_loss(draft, batch: dict, lm_head_weight: torch.Tensor, ttt_steps: int, decay: float):
+    """The training loss of either head: TTT for EAGLE-3, feature + token loss for EAGLE-1/2."""
+    if isinstance(draft, Eagle1Draft):
+        return eagle1_forward(draft, batch, lm_head_weight)
+    return ttt_forward(draft, batch, lm_head_weight, ttt_steps, decay)
+
+
+# --------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------
+
+def collate(rows: list[dict], max_length: int | None = None) -> dict:
+    """Right-pad per-sequence feature dicts into a batch (padding is masked everywhere)."""
+    lens = [min(len(r["input_ids"]), max_length or 10 ** 9) for r in rows]
+    T = max(lens)
+    B = len(rows)
+    out = {
+        "input_ids": torch.zeros(B, T, dtype=torch.long),
+        "loss_mask": torch.zeros(B, T, dtype=torch.long),
+        "attention_mask": torch.zeros(B, T, dtype=torch.long),
+    }
+    feats = [k for k in ("aux_hidden", "final_hidden") if k in rows[0]]  # EAGLE-1/2 needs no aux
+    for k in feats:
+        out[k] = torch.zeros(B, T, rows[0][k].shape[-1], dtype=rows[0][k].dtype)
+    for i, (r, n) in enumerate(zip(rows, lens)):
+        out["input_ids"][i, :n] = torch.as_tensor(r["input_ids"][:n])
+        out["loss_mask"][i, :n] = torch.as_tensor(r["loss_mask"][:n])
+        out["attention_mask"][i, :n] = 1
+        for k in feats:
+            out[k][i, :n] = torch.as_tensor(r[k][:n])
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The HF Trainer, taught TTT
+# --------------------------------------------------------------------------------------
+
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+# Profiles: the same code on a laptop CPU, a 24 GB RTX 3090, or a multi-GPU node.
+PROFILES = {
+    # SmolLM2-135M on 2 CPU cores: short sequences, a few minutes of steps.
+    "cpu": dict(ttt_steps=7, max_length=512, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                learning_rate=5e-4, warmup_steps=0.03, optim="adamw_torch"),
+    # Llama-3.1-8B features on a 24 GB GPU: batch 1 + accumulation keeps the 7 unrolled
+    # vocab-sized logits within memory; 8-bit Adam (bitsandbytes) halves optimizer state.
+    "rtx3090": dict(ttt_steps=7, max_length=2048, per_device_train_batch_size=1, gradient_accumulation_steps=16,
+                    learning_rate=1e-4, warmup_steps=0.015, optim="adamw_bnb_8bit", max_grad_norm=0.5),
+    # Many GPUs through accelerate/torchrun: the SpecForge-style recipe.
+    "full": dict(ttt_steps=7, max_length=4096, per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                 learning_rate=1e-4, warmup_steps=0.015, optim="adamw_torch_fused", max_grad_norm=0.5),
+}
+
+
+class CSVLogger(TrainerCallback):
+    """Every log line of the Trainer (loss, per-step accuracies, eval metrics) into one CSV."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.rows.append({"step": state.global_step, "epoch": state.epoch, **logs})
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # On resume keep the earlier rows, so one CSV holds the whole curve.
+        if self.path.is_file() and not self.rows:
+            with open(self.path) as fh:
+                self.rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= state.global_step]
+
+
+class EagleTrainer(Trainer):
+    """`transformers.Trainer` whose loss is EAGLE-3 TTT against the target's own distribution.
+
+    Everything else (accumulation, bf16, checkpoints, resume, logging, multi-GPU via
+    accelerate/torchrun) is the Trainer's own.
+    """
+
+    def __init__(self, *args, lm_head_weight: torch.Tensor, ttt_steps: int = 7, decay: float = 0.8, **kw):
+        kw.setdefault("data_collator", collate)
+        super().__init__(*args, **kw)
+        self.lm_head_weight = lm_head_weight.detach().requires_grad_(False)
+        self.ttt_steps = ttt_steps
+        self.decay = decay
+        if isinstance(self.accelerator.unwrap_model(self.model), Eagle1Draft):
+            self.ttt_steps = 1  # EAGLE-1/2 trains one step (no TTT unroll)
+        self._running = TTTStats(self.ttt_steps)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        draft = self.accelerator.unwrap_model(model)
+        head = self.lm_head_weight.to(inputs["final_hidden"].device)
+        loss, stats, logits = draft_loss(draft, inputs, head, self.ttt_steps, self.decay)
+        self._running.add(stats)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self._running.batches:
+            logs.update({k: round(v, 4) for k, v in self._running.metrics("train_").items()})
+            self._running = TTTStats(self.ttt_steps)
+        super().log(logs, *args, **kwargs)
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Per-step accuracy, conditional accuracy and tau_sim on held-out data."""
+        loader = self.get_eval_dataloader(eval_dataset)
+        draft = self.accelerator.unwrap_model(self.model)
+        was_training = draft.training
+        draft.eval()
+        stats = TTTStats(self.ttt_steps)
+        for batch in loader:  # noqa: B007
+            batch = self._prepare_inputs(batch)
+            with self.compute_loss_context_manager():
+                _, s, _ = draft_loss(draft, batch, self.lm_head_weight.to(batch["final_hidden"].device),
+                                     self.ttt_steps, self.decay)
+            stats.add(s)
+        draft.train(was_training)
+        metrics = stats.metrics(f"{metric_key_prefix}_")
+        metrics[f"{metric_key_prefix}_loss"] = sum(metrics[f"{metric_key_prefix}_loss_{k}"] * self.decay ** k
+                                                   for k in range(self.ttt_steps))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def training_arguments(output_dir: str, profile: str = "cpu", **overrides) -> tuple[TrainingArguments, int, int]:
+    """TrainingArguments for a profile, plus (ttt_steps, max_length). Overrides win."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    p = {**PROFILES[profile], **overrides}
+    ttt_steps, max_length = p.pop("ttt_steps"), p.pop("max_length")
+    from .device import native_bf16, pick_device
+
+    dev = pick_device(p.pop("device", None))
+    p.setdefault("bf16", native_bf16(dev))
+    p.setdefault("logging_steps", 10)
+    p.setdefault("save_strategy", "steps")
+    p.setdefault("save_steps", 200)
+    p.setdefault("save_total_limit", 2)
+    p.setdefault("lr_scheduler_type", "cosine")
+    p.setdefault("weight_decay", 0.0)
+    p.setdefault("report_to", _default_reporters())
+    p.setdefault("dataloader_num_workers", 0)
+    p.setdefault("seed", 0)
+    p.setdefault("use_cpu", dev.type == "cpu")
+    args = TrainingArguments(output_dir=output_dir, remove_unused_columns=False, **p)
+    return args, ttt_steps, max_length
+
+
+def _default_reporters() -> list[str]:
+    try:
+        import tensorboard  # noqa: F401
+        return ["tensorboard"]
+    except ImportError:
+        return []
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder the Trainer wrote, if any (what a resume starts from)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+
+def train_draft(draft: Eagle3Draft, lm_head_weight: torch.Tensor, train_dataset, eval_dataset=None,
+                output_dir: str = "runs/train", profile: str = "cpu", resume: bool = True,
+                callbacks: list | None = None, **overrides) -> EagleTrainer:
+    """Train `draft` with TTT; resumes from the last checkpoint in `output_dir` when there is one.
+
+    Logs go to TensorBoard (when installed) and to `{output_dir}/log.csv`; pass
+    `report_to=["wandb"]` to add Weights & Biases.
+    """
+    args, ttt_steps, max_length = training_arguments(output_dir, profile, **overrides)
+    trainer = EagleTrainer(model=draft, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                           data_collator=lambda rows: collate(rows, max_length), lm_head_weight=lm_head_weight,
+                           ttt_steps=ttt_steps, callbacks=[CSVLogger(Path(output_dir) / "log.csv"), *(callbacks or [])])
+    ckpt = last_checkpoint(output_dir) if resume else None
+    if ckpt:
+        print(f"Resuming from {ckpt}")
+    trainer.train(resume_from_checkpoint=ckpt)
+    return trainer
+
+
+# --------------------------------------------------------------------------------------
+# `eaglebook train`
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class TrainArgs:
+    """Train a draft head on stored features (from `eaglebook capture`); resumes if interrupted."""
+
+    features: str = field(default="", metadata={"help": "feature folder written by `eaglebook capture`"})
+    output_dir: str = field(default="runs/train", metadata={"help": "checkpoints, logs and the final head"})
+    target: str = field(default="smollm2-135m", metadata={"help": "the target the features came from"})
+    profile: str = field(default="cpu", metadata={"help": "cpu | rtx3090 | full"})
+    head: str = field(default="eagle3", metadata={"help": "eagle3 (TTT) or eagle1 (EAGLE-1/2)"})
+    vocab_map: str = field(default="", metadata={"help": "d2t/t2d file from notebook 01 ('' = count the features)"})
+    draft_vocab_size: int = field(default=8192, metadata={"help": "reduced vocabulary when counting (eagle3)"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    ttt_steps: int = field(default=0, metadata={"help": "unrolled steps (0 = the profile's)"})
+    learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = the profile's)"})
+    batch_size: int = field(default=0, metadata={"help": "sequences per device step (0 = the profile's)"})
+    eval_fraction: float = field(default=0.02, metadata={"help": "held-out share of sequences"})
+    init_lm_head: bool = field(default=True, metadata={"help": "start lm_head from the target's rows"})
+    report_to: str = field(default="", metadata={"help": "extra loggers, e.g. wandb"})
+
+
+def _train_cli(a: TrainArgs) -> int:
+    from . import export, vocab
+    from .draft import build_draft, build_eagle1_draft
+    from .hidden_states import FeatureDataset
+    from .target import end_of_turn_ids, load_target
+
+    if not a.features:
+        raise SystemExit("--features is required (a folder written by `eaglebook capture`)")
+    model, tok = load_target(a.target, dtype="float32")
+    feats = FeatureDataset(a.features, expect=(model, tok))
+    n = len(feats)
+    held = [i for i in range(n) if i < max(1, int(n * a.eval_fraction))]
+    trn = [i for i in range(len(held), n)]
+    if a.head == "eagle1":
+        draft = build_eagle1_draft(model, dtype=torch.float32)
+    else:
+        if a.vocab_map:
+            d2t, t2d, _ = vocab.load_vocab_map(a.vocab_map)
+        else:
+            counts = torch.zeros(model.config.vocab_size, dtype=torch.int64)
+            for i in trn:
+                it = feats[i]
+                counts += torch.bincount(it["input_ids"][it["loss_mask"].bool()], minlength=counts.numel())
+            d2t, t2d = vocab.build_vocab_map(counts, a.draft_vocab_size,
+                                             always_keep=end_of_turn_ids(tok, model.generation_config))
+        draft = build_draft(model, d2t, t2d, init_lm_head=a.init_lm_head, dtype=torch.float32)
+    over = {k: v for k, v in dict(ttt_steps=a.ttt_steps, learning_rate=a.learning_rate,
+                                   per_device_train_batch_size=a.batch_size).items() if v}
+    if a.report_to:
+        over["report_to"] = _default_reporters() + a.report_to.split(",")
+    trainer = train_draft(draft, model.lm_head.weight, torch.utils.data.Subset(feats, trn),
+                          torch.utils.data.Subset(feats, held), output_dir=a.output_dir, profile=a.profile,
+                          max_steps=a.max_steps, eval_strategy="steps", eval_steps=max(1, a.max_steps // 10), **over)
+    print({k: round(v, 4) for k, v in trainer.evaluate().items() if k.startswith(("eval_acc", "eval_tau"))})
+    path = export.save_draft(draft, Path(a.output_dir) / "draft", export.head_provenance(model, tok, vocab_source=a.vocab_map or a.features))
+    print(f"head saved to {path}")
+    return 0
+
+
+def _register() -> None:
+    from .cli import register
+
+    register("train", TrainArgs, _train_cli)
+
+
+_register()

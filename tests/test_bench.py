@@ -1,0 +1,344 @@
+"""Notebook 06's benchmark machinery, tested on the CPU as far as it goes without a GPU.
+
+Servers here are real processes (tests/standin_server.py) on 127.0.0.1 answering with
+SGLang's and vLLM's response shapes; nothing else is contacted. What needs a GPU (a real
+SGLang launch, real accept lengths) is not tested here.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from eaglebook import bench
+from eaglebook.bench import (BenchArgs, BenchError, DraftSetting, Lane, Recorder, ServerError, ServerProcess,
+                             SGLangClient, SGLangConfig)
+
+STANDIN = str(Path(__file__).with_name("standin_server.py"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def standin(port: int, *flags: str, pid_file: str = "", name: str = "stand-in", timeout: float = 30.0):
+    cmd = [sys.executable, STANDIN, "--port", str(port), *flags] + (["--pid-file", pid_file] if pid_file else [])
+    return ServerProcess(cmd, f"http://127.0.0.1:{port}/health", name=name, startup_timeout=timeout, grace=2.0)
+
+
+def wait_for_file(path: Path, timeout: float = 20.0) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def survivors(pids) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The SGLang command line
+# ---------------------------------------------------------------------------------------
+
+def test_sglang_command_lines_differ_only_in_speculative_flags():
+    cfg = SGLangConfig(model_path="meta-llama/Llama-3.1-8B-Instruct", draft_path="/heads/llama-eagle3", port=30123,
+                       dtype="bfloat16", context_length=4096, mem_fraction_static=0.7, cuda_graph_max_bs=8,
+                       extra_args=["--disable-overlap-schedule"], python="python3")
+    base = bench.sglang_command(cfg, "baseline")
+    eagle = bench.sglang_command(cfg, "eagle", DraftSetting(3, 4, 16))
+    assert base == ["python3", "-m", "sglang.launch_server", "--model-path", "meta-llama/Llama-3.1-8B-Instruct",
+                    "--host", "127.0.0.1", "--port", "30123", "--tp-size", "1", "--dtype", "bfloat16",
+                    "--context-length", "4096", "--mem-fraction-static", "0.7", "--cuda-graph-max-bs", "8",
+                    "--disable-overlap-schedule"]
+    assert eagle[:len(base)] == base
+    assert eagle[len(base):] == ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path",
+                                 "/heads/llama-eagle3", "--speculative-num-steps", "3", "--speculative-eagle-topk",
+                                 "4", "--speculative-num-draft-tokens", "16"]
+    # The context-length override goes to both servers alike (the environment, not a flag).
+    assert bench.sglang_env(cfg) == {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
+
+
+def test_draft_setting_follows_sglang_rules():
+    assert DraftSetting(4, 1, 99).num_draft_tokens == 5  # a chain verifies num_steps + root
+    with pytest.raises(BenchError, match="exceeds"):
+        DraftSetting(1, 2, 8)  # root + 2 candidates at most
+    with pytest.raises(BenchError, match="needs draft_path"):
+        bench.sglang_command(SGLangConfig(model_path="m"), "eagle")
+    assert bench.parse_label(DraftSetting(5, 4, 8).label) == {"num_steps": 5, "topk": 4, "num_draft_tokens": 8}
+
+
+# ---------------------------------------------------------------------------------------
+# Process groups: health-wait timeout, Ctrl-C, no orphans
+# ---------------------------------------------------------------------------------------
+
+def test_health_timeout_stops_the_whole_tree(tmp_path):
+    pid_file = tmp_path / "pids.json"
+    srv = standin(free_port(), "--spawn-children", "--health-after", "-1", pid_file=str(pid_file), timeout=4.0)
+    srv.log_path = tmp_path / "server.log"
+    srv.start()
+    wait_for_file(pid_file)
+    pids = json.loads(pid_file.read_text())
+    assert len(survivors(pids)) == 4  # server, child, stubborn child, grandchild all up
+    t0 = time.time()
+    with pytest.raises(ServerError, match="did not become healthy"):
+        srv.wait_healthy()
+    print(f"health wait gave up and cleaned up in {time.time() - t0:.1f} s")
+    assert survivors(pids) == [], "processes survived the stop"
+
+
+def test_ctrl_c_inside_the_context_leaves_no_orphans(tmp_path):
+    pid_file = tmp_path / "pids.json"
+    port = free_port()
+    with pytest.raises(KeyboardInterrupt):
+        with standin(port, "--spawn-children", "--ignore-term", pid_file=str(pid_file)) as srv:
+            srv.wait_healthy()
+            wait_for_file(pid_file)
+            pids = json.loads(pid_file.read_text())
+            assert len(survivors(pids)) == 4
+            raise KeyboardInterrupt
+    assert survivors(pids) == []
+
+
+def test_server_that_exits_during_startup_is_reported(tmp_path):
+    srv = ServerProcess([sys.executable, "-c", "import sys; print('CUDA out of memory'); sys.exit(7)"],
+                        f"http://127.0.0.1:{free_port()}/health", name="SGLang eagle server",
+                        log_path=tmp_path / "s.log", startup_timeout=20)
+    srv.start()
+    with pytest.raises(ServerError, match=r"(?s)exited with code 7.*CUDA out of memory"):
+        srv.wait_healthy()
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing real response shapes
+# ---------------------------------------------------------------------------------------
+
+# A /generate answer as SGLang 0.5.x returns it on an EAGLE-3 server (tokenizer_manager meta_info).
+SGLANG_GENERATE = {
+    "text": " Paris is the capital of France.",
+    "output_ids": [7042, 314, 260, 3575, 282, 4649, 30, 2],
+    "meta_info": {"id": "a1b2", "finish_reason": {"type": "stop", "matched": 2}, "prompt_tokens": 31,
+                  "weight_version": "default", "total_retractions": 0, "completion_tokens": 8,
+                  "cached_tokens": 0, "spec_accept_rate": 0.25, "spec_accept_length": 2.6666666666666665,
+                  "spec_num_correct_drafts": 5, "spec_num_proposed_drafts": 21, "spec_verify_ct": 3,
+                  "spec_accepted_drafts": 5, "spec_proposed_drafts": 21, "e2e_latency": 0.0412},
+}
+
+
+def test_parse_generate_meta_info():
+    out = bench.parse_generate_response(SGLANG_GENERATE)
+    assert (out["prompt_tokens"], out["completion_tokens"], out["verify_ct"]) == (31, 8, 3)
+    assert out["finish_reason"] == "stop"
+    assert out["completion_tokens"] / out["verify_ct"] == pytest.approx(SGLANG_GENERATE["meta_info"]["spec_accept_length"])
+    plain = {"text": "x", "meta_info": {"finish_reason": {"type": "length", "length": 8}, "prompt_tokens": 3,
+                                        "completion_tokens": 8, "cached_tokens": 0, "e2e_latency": 0.1}}
+    assert bench.parse_generate_response(plain)["verify_ct"] is None
+    with pytest.raises(BenchError, match="aborted"):
+        bench.parse_generate_response({"text": "", "meta_info": {"finish_reason": {"type": "abort", "message": "oom"},
+                                                                 "completion_tokens": 0}})
+    with pytest.raises(BenchError, match="no meta_info"):
+        bench.parse_generate_response({"error": "bad"})
+
+
+def test_parse_server_info_and_vllm_metrics():
+    info = bench.parse_server_info({"model_path": "m", "speculative_algorithm": "EAGLE3", "speculative_num_steps": 5,
+                                    "speculative_eagle_topk": 4, "speculative_num_draft_tokens": 8, "tp_size": 1,
+                                    "max_total_num_tokens": 123, "chunked_prefill_size": 8192, "unrelated": 1,
+                                    "internal_states": [{"avg_spec_accept_length": 3.0}, {"avg_spec_accept_length": 4.0}],
+                                    "version": "0.5.23"})
+    assert info["speculative_num_draft_tokens"] == 8 and info["version"] == "0.5.23" and "unrelated" not in info
+    assert info["avg_spec_accept_length"] == 3.5
+    text = ("# HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.\n"
+            "# TYPE vllm:spec_decode_num_drafts_total counter\n"
+            'vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 40.0\n'
+            'vllm:spec_decode_num_drafts_total{engine="1",model_name="m"} 60.0\n'
+            'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 150.0\n'
+            'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="0"} 80.0\n'
+            "vllm:num_requests_running 2\n")
+    m = bench.parse_prometheus(text)
+    assert m["vllm:spec_decode_num_drafts"] == 100.0 and m["vllm:num_requests_running"] == 2.0
+    assert bench.vllm_accept_length({}, m) == pytest.approx(2.5)
+    assert bench.vllm_accept_length({}, {"vllm:num_requests_running": 1.0}) is None
+
+
+# ---------------------------------------------------------------------------------------
+# Clients against real stand-in servers; a server dying or hanging mid-run
+# ---------------------------------------------------------------------------------------
+
+def prompts(n=4):
+    return [bench.Prompt(id=f"p{i}", category=["math", "writing"][i % 2], turns=[f"Question {i}?" * (i + 1),
+                                                                                "And why?"]) for i in range(n)]
+
+
+def test_sglang_clients_interleaved_and_concurrent(smollm2_tokenizer, tmp_path):
+    pb, pe = free_port(), free_port()
+    with standin(pb) as b, standin(pe, "--speculative", "--accept", "2.5", "--token-delay", "0.002") as e:
+        b.wait_healthy()
+        e.wait_healthy()
+        rec = Recorder({"test": True}, tmp_path / "r.json")
+
+        async def go():
+            async with SGLangClient(f"http://127.0.0.1:{pb}", server=b) as cb, \
+                    SGLangClient(f"http://127.0.0.1:{pe}", stream=True, server=e) as ce:
+                rec.server_info["eagle"] = await ce.server_info()
+                lanes = [Lane("baseline", cb), Lane("eagle", ce, "s5-k4-n8")]
+                await bench.warm_up(lanes, prompts(), smollm2_tokenizer, 1)
+                await bench.run_interleaved(lanes, prompts(), smollm2_tokenizer, rec, 64, turns=2, progress=False)
+                for lane in lanes:
+                    await bench.run_phase(lane, prompts(), smollm2_tokenizer, rec, 64, 1, 3, progress=False)
+        asyncio.run(go())
+    res = rec.save()
+    eg = [g for g in rec.gens if g.mode == "eagle" and g.concurrency == 1]
+    assert len(eg) == 8 and {g.turn for g in eg} == {0, 1}  # two turns each
+    # accept_length = sum(completion_tokens) / sum(spec_verify_ct), as the server reported them
+    assert res["summary"]["eagle"]["accept_length"] == pytest.approx(
+        sum(g.completion_tokens for g in eg) / sum(g.verify_ct for g in eg), abs=1e-4)
+    assert all(g.ttft_s is not None and 0 < g.ttft_s <= g.latency_s for g in eg)  # streamed
+    assert res["summary"]["baseline"]["accept_length"] is None  # no speculation, no accept length
+    assert res["server_info"]["eagle"]["speculative_algorithm"] == "EAGLE3"
+    assert {r["concurrency"] for r in res["concurrency"]} == {1, 3}
+    assert {c["category"] for c in res["summary"]["per_category"]} == {"math", "writing"}
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["complete"] and len(saved["requests"]) == len(rec.gens)
+    assert (tmp_path / "r.csv").read_text().count("\n") == len(rec.gens) + 1
+    print(f"stand-in speedup {res['summary']['speedup']}, accept_length {res['summary']['eagle']['accept_length']}")
+
+
+def test_sglang_server_dying_mid_run_is_named_and_partial_results_kept(smollm2_tokenizer, tmp_path):
+    port = free_port()
+    rec = Recorder({"test": True}, tmp_path / "partial.json")
+    with standin(port, "--speculative", "--die-after", "3", name="SGLang eagle server") as srv:
+        srv.log_path = None
+        srv.wait_healthy()
+
+        async def go():
+            async with SGLangClient(f"http://127.0.0.1:{port}", name=srv.name, server=srv) as c:
+                await bench.run_phase(Lane("eagle", c, "x"), prompts(6), smollm2_tokenizer, rec, 32, progress=False)
+        with pytest.raises(ServerError, match=r"SGLang eagle server died \(exit code 3\) at prompt p3"):
+            asyncio.run(go())
+    rec.error = "died"
+    rec.save()
+    saved = json.loads((tmp_path / "partial.json").read_text())
+    assert saved["complete"] is False and len(saved["requests"]) == 3
+
+
+def test_request_timeout_is_a_clear_error(smollm2_tokenizer):
+    port = free_port()
+    with standin(port, "--delay", "3") as srv:
+        srv.wait_healthy()
+
+        async def go():
+            async with SGLangClient(f"http://127.0.0.1:{port}", name="slow server", timeout=0.5, server=srv) as c:
+                await bench.run_phase(Lane("baseline", c), prompts(1), smollm2_tokenizer, Recorder({}), 8,
+                                      progress=False)
+        with pytest.raises(ServerError, match=r"slow server did not answer within 0.5 s at prompt p0"):
+            asyncio.run(go())
+
+
+def test_openai_backend_end_to_end_with_vllm_metrics_and_a_crash(tmp_path):
+    pb, pe = free_port(), free_port()
+    with standin(pb) as b, standin(pe, "--speculative", "--accept", "3", "--vllm-metrics") as e:
+        b.wait_healthy()
+        e.wait_healthy()
+        args = BenchArgs(backend="openai", url=f"http://127.0.0.1:{pe}/v1", baseline_url=f"http://127.0.0.1:{pb}",
+                         suite="mt-bench", limit=4, max_new_tokens=40, warmup=1, json=str(tmp_path / "o.json"))
+        res = bench.run_benchmark(args, progress=False)
+    eg = [r for r in res["requests"] if r["mode"] == "eagle"]
+    assert len(eg) == 4 and all(r["ttft_ms"] is not None for r in eg)
+    # verify steps read from the /metrics deltas around each request: tokens / drafts
+    assert all(r["accept_length"] == pytest.approx(r["completion_tokens"] / round(r["completion_tokens"] / 3), abs=1e-3)
+               for r in eg)
+    assert res["summary"]["speedup"] is not None and res["complete"]
+    print(bench.format_summary(res))
+
+    port = free_port()
+    with standin(port, "--die-after", "3") as srv:
+        srv.wait_healthy()
+        args = BenchArgs(backend="openai", url=f"http://127.0.0.1:{port}", suite="mt-bench", limit=5, warmup=1,
+                         max_new_tokens=16, json=str(tmp_path / "crash.json"))
+        with pytest.raises(BenchError, match=r"(?s)lost the connection.*Partial results \(2 requests finished\)"):
+            bench.run_benchmark(args, progress=False)
+    saved = json.loads((tmp_path / "crash.json").read_text())
+    assert saved["complete"] is False and "lost the connection" in saved["error"] and len(saved["requests"]) == 2
+    assert "accept_length" in saved["summary"]["eagle"]  # the summary of what did finish
+
+
+def test_prompt_suites_and_files(tmp_path, smollm2_tokenizer):
+    mt = bench.load_suite("mt-bench", limit=8)
+    assert len({p.category for p in mt}) == 8 and all(len(p.turns) == 2 for p in mt)
+    he = bench.load_suite("humaneval", limit=2)
+    assert he[0].category == "coding" and "def " in he[0].turns[0]
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"prompt": "Hi there"}\n{"messages": [{"role": "user", "content": "A"}, '
+                 '{"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}], "category": "chat"}\n')
+    mine = bench.load_suite("jsonl", prompts_file=str(f))
+    assert [p.turns for p in mine] == [["Hi there"], ["A", "C"]] and mine[1].category == "chat"
+    f.write_text('{"nope": 1}\n')
+    with pytest.raises(BenchError, match="mine.jsonl:1: needs"):
+        bench.load_suite("jsonl", prompts_file=str(f))
+    with pytest.raises(BenchError, match="hold-out split was not found"):
+        bench.load_suite("sharegpt", run_dir=str(tmp_path))
+    ids = bench.render_ids(smollm2_tokenizer, mt[0].messages(0))
+    assert smollm2_tokenizer.decode(ids).rstrip().endswith("assistant")
+
+
+# ---------------------------------------------------------------------------------------
+# The in-process backend (needs eaglebook.decode, the engine of issue 7)
+# ---------------------------------------------------------------------------------------
+
+needs_decode = pytest.mark.skipif(__import__("importlib").util.find_spec("eaglebook.decode") is None,
+                                  reason="eaglebook.decode (issue 7) is not in this checkout yet")
+
+
+@needs_decode
+def test_inprocess_sweep_and_concurrency_on_a_tiny_llama(tiny_llama, smollm2_tokenizer, tmp_path):
+    args = BenchArgs(backend="inprocess", suite="mt-bench", limit=2, max_new_tokens=6, warmup=1,
+                     sweep="2,1,3 2,2,4", concurrency="1,2", json=str(tmp_path / "b.json"))
+    res = bench.run_benchmark(args, target=(tiny_llama, smollm2_tokenizer), progress=False)
+    assert res["complete"] and [s["config"] for s in res["settings"]] == ["s2-k1-n3", "s2-k2-n4"]
+    assert res["summary"]["config"] == "s2-k1-n3"  # the first setting is the main one
+    rows = res["requests"]
+    for cfg in ("s2-k1-n3", "s2-k2-n4"):
+        e = [r for r in rows if r["mode"] == "eagle" and r["config"] == cfg and r["concurrency"] == 1]
+        b = {(r["prompt_id"], r["turn"]): r for r in rows if r["mode"] == "baseline" and r["concurrency"] == 1}
+        assert len(e) == 2 and all(r["verify_ct"] >= 1 for r in e)
+        # float32 greedy: EAGLE's output is the baseline's, token for token (text as the proxy)
+        assert all(r["text"] == b[(r["prompt_id"], r["turn"])]["text"] for r in e)
+        assert all(1.0 <= r["accept_length"] <= 3 for r in e)  # at most num_steps + bonus per step
+    assert {(r["concurrency"], r["mode"]) for r in res["concurrency"]} == {(1, "baseline"), (1, "eagle"),
+                                                                           (2, "baseline"), (2, "eagle")}
+    print(bench.format_summary(res))
+
+
+@needs_decode
+def test_eaglebook_bench_command_on_the_cpu_default(tmp_path, capsys):
+    from eaglebook.cli import main
+
+    out = tmp_path / "out.json"
+    t0 = time.time()
+    assert main(["bench", "--suite", "mt-bench", "--limit", "1", "--max-new-tokens", "4", "--warmup", "0",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    s = res["summary"]
+    assert s["baseline"]["tok_s"] > 0 and s["eagle"]["tok_s"] > 0 and s["speedup"] > 0
+    assert s["eagle"]["accept_length"] >= 1.0
+    assert "speedup" in printed and "accept_length" in printed and out.with_suffix(".csv").is_file()
+    assert res["hardware"]["cpu_count"] and res["config"]["backend"] == "inprocess"
+    print(f"eaglebook bench (1 prompt, 4 tokens) took {time.time() - t0:.0f} s")
