@@ -23,7 +23,6 @@ with like. Batch size is 1 throughout: this is a reference engine to read and to
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -131,18 +130,17 @@ class StopChecker:
 
     def extend(self, generated: list[int], new: list[int]) -> tuple[int, str | None]:
         """Append `new` to `generated` up to the first stop; return (tokens kept, reason or None)."""
-        base = len(generated)
         for i, t in enumerate(new):
             generated.append(t)
             if t in self.eos_ids:
                 return i + 1, "eos"
-            if self.stop_strings and self._hit_stop_string(generated, base):
+            if self.stop_strings and self._hit_stop_string(generated):
                 return i + 1, "stop_string"
             if len(generated) >= self.max_new_tokens:
                 return i + 1, "max_new_tokens"
         return len(new), None
 
-    def _hit_stop_string(self, generated: list[int], base: int) -> bool:
+    def _hit_stop_string(self, generated: list[int]) -> bool:
         # Decode only a tail long enough to hold any stop string plus a partial token.
         longest = max(len(s) for s in self.stop_strings)
         tail = self.tokenizer.decode(generated[-(longest + 8):], skip_special_tokens=False)
