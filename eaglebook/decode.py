@@ -23,7 +23,6 @@ with like. Batch size is 1 throughout: this is a reference engine to read and to
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -131,18 +130,17 @@ class StopChecker:
 
     def extend(self, generated: list[int], new: list[int]) -> tuple[int, str | None]:
         """Append `new` to `generated` up to the first stop; return (tokens kept, reason or None)."""
-        base = len(generated)
         for i, t in enumerate(new):
             generated.append(t)
             if t in self.eos_ids:
                 return i + 1, "eos"
-            if self.stop_strings and self._hit_stop_string(generated, base):
+            if self.stop_strings and self._hit_stop_string(generated):
                 return i + 1, "stop_string"
             if len(generated) >= self.max_new_tokens:
                 return i + 1, "max_new_tokens"
         return len(new), None
 
-    def _hit_stop_string(self, generated: list[int], base: int) -> bool:
+    def _hit_stop_string(self, generated: list[int]) -> bool:
         # Decode only a tail long enough to hold any stop string plus a partial token.
         longest = max(len(s) for s in self.stop_strings)
         tail = self.tokenizer.decode(generated[-(longest + 8):], skip_special_tokens=False)
@@ -716,6 +714,9 @@ def compare(decoder: EagleDecoder, prompts: list[list[int]], max_new_tokens: int
     return {"rows": rows, "total": tot}
 
 
+DEFAULT_HEAD = "smollm2-135m-eagle3"  # the shipped default head's name (issue 9)
+
+
 def load_head(target, draft_path: str | None = None, dtype=None):
     """A draft head for `target`: from `draft_path` (a saved head or a shipped name) when given,
     else an untrained one from `build_draft` (accept_length ~1, output unchanged)."""
@@ -728,6 +729,28 @@ def load_head(target, draft_path: str | None = None, dtype=None):
         d = draft_mod.build_draft(target)
     dt = dtype or next(target.parameters()).dtype
     return d.to(device=next(target.parameters()).device, dtype=dt).eval().requires_grad_(False)
+
+
+def resolve_head(target, draft_path: str = "", run_dir: str | None = None, dtype=None):
+    """(head, description): `draft_path` if given; else notebook 04's head in `run_dir`; else the
+    shipped default; else an untrained head (said plainly: it lowers accept_length only)."""
+    if draft_path:
+        return load_head(target, draft_path, dtype), f"head from {draft_path}"
+    candidates = []
+    if run_dir:
+        p = Path(run_dir) / "04-ttt-training" / "draft"
+        if p.exists():
+            candidates.append((str(p), f"trained head from notebook 04 ({p})"))
+    candidates.append((DEFAULT_HEAD, f"shipped default head {DEFAULT_HEAD!r}"))
+    reasons = []
+    for path, what in candidates:
+        try:
+            return load_head(target, path, dtype), what
+        except Exception as exc:  # fall through to the next candidate, and say why
+            reasons.append(f"{what}: {type(exc).__name__}: {str(exc)[:160]}")
+    return load_head(target, None, dtype), ("UNTRAINED head (build_draft): accept_length will be ~1 and there "
+                                            "is no speedup, but the output is unchanged. Not used: "
+                                            + " | ".join(reasons))
 
 
 @dataclass

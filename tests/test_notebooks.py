@@ -89,6 +89,12 @@ def check_01(r):
     d2t, t2d, _ = vocab.load_vocab_map(r["vocab_map"])
     assert len(d2t) == r["draft_vocab"] == 2048
 
+def check_05(r):
+    assert r["prompts_checked"] >= 2
+    assert r["lossless_ok"], "EAGLE changed a float32 greedy output"
+    assert r["accept_length_mean"] >= 1.0 and r["speedup"] > 0
+    assert set(r["settings"]) == {"chain", "tree"}
+
 
 CHECKS = {
     "00-setup-check": check_00,
@@ -97,6 +103,7 @@ CHECKS = {
     "02-hidden-states": check_02,
     "06-sglang-benchmark": check_06,
     "01-loss-masks": check_01,
+    "05-tree-decoding": check_05,
 }
 
 
