@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import DynamicCache
 
+from .hidden_states import default_aux_layers
+
 
 class DecodeError(ValueError):
     """Decoding parameters or inputs that cannot work together; the message says why."""
@@ -150,14 +152,6 @@ class StopChecker:
 # --------------------------------------------------------------------------------------
 # The target: one forward function for EAGLE and the baseline
 # --------------------------------------------------------------------------------------
-
-def default_aux_layers(num_hidden_layers: int) -> tuple[int, int, int]:
-    """EAGLE-3 feature indices in HF hidden_states numbering: (2, N//2, N-3)."""
-    n = num_hidden_layers
-    if n < 8:
-        raise DecodeError(f"a target with {n} layers has no three distinct EAGLE-3 aux layers (need >= 8)")
-    return (2, n // 2, n - 3)
-
 
 @contextmanager
 def capture_aux(target, aux_layers, store: list):
