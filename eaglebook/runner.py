@@ -91,13 +91,19 @@ def check_parameters(nb_path: Path, params: dict) -> None:
 
 
 def run_notebook(nb_path: Path, run_dir: str | os.PathLike, params: dict | None = None,
-                 timeout: int | None = None, progress: bool = False) -> dict:
-    """Execute one notebook into `run_dir` and return its results.json (plus `_seconds`)."""
+                 timeout: int | None = 900, progress: bool = False) -> dict:
+    """Execute one notebook into `run_dir` and return its results.json (plus `_seconds`).
+
+    `timeout`: seconds any one cell may run before the run fails (a stalled cell never hangs CI).
+    """
     import papermill as pm
 
     nb_path = Path(nb_path)
     params = dict(params or {})
     params.setdefault("run_dir", str(run_dir))
+    if "interactive" in parameters_cell(nb_path):
+        # Widgets rendered into Output widgets can stall a headless client; the static figures stay.
+        params.setdefault("interactive", False)
     check_parameters(nb_path, params)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     out = Path(run_dir) / nb_path.name
