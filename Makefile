@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= runs/$(shell date +%Y%m%d-%H%M%S)
 PROFILE ?= cpu
 
-.PHONY: setup notebooks test test-slow clean-notebooks
+.PHONY: setup notebooks test test-slow clean-notebooks default-head
 
 setup:
 	@scripts/install.sh $(VENV)
@@ -20,6 +20,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The default EAGLE-3 head for SmolLM2 (hours on a CPU; resumable: rerun to continue).
+default-head: setup
+	$(PY) -m eaglebook.cli default-head --work-dir runs/default-head $(ARGS)
 
 clean-notebooks:
 	$(VENV)/bin/nbstripout --extra-keys "metadata.jupytext metadata.language_info cell.metadata.lines_to_next_cell" notebooks/*.ipynb
