@@ -21,9 +21,11 @@ if "$VPY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] =
   :
 elif command -v nvidia-smi >/dev/null 2>&1; then
   pip "torch==$TORCH"
+elif "$VPY" -m pip download -q --no-index --no-deps "torch==$TORCH" -d "$VENV/.torch-probe" >/dev/null 2>&1; then
+  rm -rf "$VENV/.torch-probe"
+  pip "torch==$TORCH"  # the machine's local CPU wheel (pip find-links); its dependencies from the index
 else
-  # A local wheel (find-links) if the machine has one, else PyTorch's CPU index.
-  pip --no-index "torch==$TORCH" 2>/dev/null || pip "torch==$TORCH" --index-url https://download.pytorch.org/whl/cpu
+  pip "torch==$TORCH" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
 fi
 
 pip -e ".[notebooks,serve,train,dev]"
