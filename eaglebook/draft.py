@@ -143,16 +143,9 @@ class Eagle3Draft(nn.Module):
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 
-    @torch.no_grad()
     def init_from_target(self, target, lm_head_rows: bool = True) -> None:
         """Copy the target's (frozen) embedding, and optionally its output rows at the draft ids."""
-        emb = target.get_input_embeddings().weight
-        if emb.shape != self.embed_tokens.weight.shape:
-            raise DraftError(f"target embedding {tuple(emb.shape)} != draft {tuple(self.embed_tokens.weight.shape)}")
-        self.embed_tokens.weight.copy_(emb)
-        if lm_head_rows:
-            head = target.get_output_embeddings().weight
-            self.lm_head.weight.copy_(head[self.draft_ids.to(head.device)])
+        copy_from_target(self, target, lm_head_rows)
 
     # -- forward -------------------------------------------------------------------------
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -186,6 +179,19 @@ class Eagle3Draft(nn.Module):
         out = self.midlayer(embeds, h, pos_emb, attention_mask, past_key_values)
         lg = self.lm_head(self.norm(out)) if logits else None
         return DraftOutput(logits=lg, hidden=out, past_key_values=past_key_values)
+
+
+@torch.no_grad()
+def copy_from_target(draft, target, lm_head_rows: bool = True) -> None:
+    """The target's embedding into `draft`, and its output rows at `draft.draft_ids` into the lm_head
+    (all rows for an EAGLE-1/2 head, whose draft ids are the whole vocabulary)."""
+    emb = target.get_input_embeddings().weight
+    if emb.shape != draft.embed_tokens.weight.shape:
+        raise DraftError(f"target embedding {tuple(emb.shape)} != draft {tuple(draft.embed_tokens.weight.shape)}")
+    draft.embed_tokens.weight.copy_(emb)
+    if lm_head_rows:
+        head = target.get_output_embeddings().weight
+        draft.lm_head.weight.copy_(head[draft.draft_ids.to(head.device)])
 
 
 def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
@@ -257,15 +263,9 @@ class Eagle1Draft(nn.Module):
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids  # the full vocabulary: draft ids are target ids
 
-    @torch.no_grad()
     def init_from_target(self, target, lm_head_rows: bool = True) -> None:
         """Copy the target's embedding and output head (both stay frozen)."""
-        emb = target.get_input_embeddings().weight
-        if emb.shape != self.embed_tokens.weight.shape:
-            raise DraftError(f"target embedding {tuple(emb.shape)} != draft {tuple(self.embed_tokens.weight.shape)}")
-        self.embed_tokens.weight.copy_(emb)
-        if lm_head_rows:
-            self.lm_head.weight.copy_(target.get_output_embeddings().weight)
+        copy_from_target(self, target, lm_head_rows)
 
     def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, past_key_values: DynamicCache | None = None,
