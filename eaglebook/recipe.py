@@ -90,6 +90,7 @@ class Recipe:
         if n_regen:
             backend = regenerate.LocalBackend(model, tok, batch_size=a.regen_batch_size)
             settings = regenerate.RegenSettings(max_new_tokens=a.regen_max_new_tokens, holdout=0.0,
+                                                max_length=a.max_length,  # prompt + answer fit one sequence
                                                 chunk_rows=a.regen_batch_size)  # one batch per saved chunk
             regen_ds, summary = regenerate.regenerate(regen_rows, backend, tok, self.dir / "regen", settings=settings)
             self._done("regenerate", time.time() - t0, rows=summary["kept"], tok_s=summary["tokens_per_second"],

@@ -59,6 +59,30 @@ def test_local_backend_greedy_batched_equals_single(smollm2, prompts):
     assert not cut.finished and len(cut.ids) == 3 and cut.ids == one[0].ids[:3]  # no invented end-of-turn
 
 
+def test_local_backend_drops_finished_rows_yet_equals_generate(smollm2):
+    """The backend drops a row from the batch once it ends; the answers must still be exactly
+    what transformers' generate() gives the same left-padded batch (greedy, float32)."""
+    import torch
+
+    model, tok = smollm2
+    qs = ["Hi", "Write a haiku about the sea.", "What is 2+2? Answer briefly.",
+          "List three colors, one per line, and nothing else."]
+    ps = [data.render_prompt(tok, [{"role": "user", "content": q}]) for q in qs]
+    backend = rg.LocalBackend(model, tok, batch_size=4)
+    mine = backend.generate(ps, 40)
+    assert any(a.finished for a in mine) and len({len(a.ids) for a in mine}) > 1  # rows did leave early
+    width = max(map(len, ps))
+    ids = torch.full((4, width), backend.pad)
+    att = torch.zeros((4, width), dtype=torch.long)
+    for r, p in enumerate(sorted(ps, key=len)):  # the backend's batch order: by prompt length
+        ids[r, width - len(p):], att[r, width - len(p):] = torch.tensor(p), 1
+    ref = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=40, do_sample=False, top_p=None,
+                         top_k=None, temperature=None, eos_token_id=backend.stops, pad_token_id=backend.pad)
+    expect = {tuple(p): rg._cut(ref[r, width:].tolist(), set(backend.stops)).ids
+              for r, p in enumerate(sorted(ps, key=len))}
+    assert [a.ids for a in mine] == [expect[tuple(p)] for p in ps]
+
+
 def test_server_backends_match_local_and_retry(smollm2, prompts):
     model, tok = smollm2
     local = [a.ids for a in rg.LocalBackend(model, tok, batch_size=1).generate(prompts, 12)]

@@ -1,0 +1,61 @@
+"""The headline benchmark: real SmolLM2, real MT-bench prompts, an untrained head (its accept
+length is low, its output must still equal greedy in float32), resumable rows."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eaglebook.headline import HeadlineArgs, Setting, looped, run_headline, summarize_headline
+
+
+def test_looped_finds_repeats_only():
+    assert looped(list(range(10)) * 3)
+    assert not looped(list(range(60)))
+    assert not looped(list(range(10)) * 2)  # twice is not a loop at the default threshold
+
+
+def test_setting_parse_and_errors():
+    assert Setting.parse("5,1,99").num_draft_tokens == 6  # a chain verifies its steps + the root
+    assert Setting.parse("6,4,24").label == "tree s6-k4-n24"
+    with pytest.raises(ValueError, match="num_steps,topk,num_draft_tokens"):
+        Setting.parse("5,1")
+
+
+def test_headline_float32_lossless_and_resumes(tmp_path, capsys):
+    args = HeadlineArgs(out=str(tmp_path), draft="", limit=2, max_new_tokens=12, dtypes="float32",
+                        settings="3,1,4 3,2,6", threads=2, warmup=0)
+    res = run_headline(args, progress=False)
+    rows = [json.loads(ln) for ln in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 3  # 2 prompts x (baseline + 2 settings)
+    table = {r["setting"]: r for r in res["table"]}
+    assert set(table) == {"chain s3-k1-n4", "tree s3-k2-n6"}
+    for r in table.values():
+        assert r["prompts"] == 2 and r["checked"] == 2
+        assert r["lossless_ok"] == 2  # float32: identical, or a tie below 1e-4 (contracts section 6)
+        assert r["accept_length"] >= 1.0
+        assert r["baseline_limit_hits"] == 2  # 12 tokens never finish an MT-bench answer
+    cost = {c["setting"]: c for c in res["cost_model"]}
+    assert all(c["t_verify_ms"] > 0 and c["t_draft_ms"] > 0 and c["t_step_ms"] > 0 for c in cost.values())
+    assert (tmp_path / "headline.png").stat().st_size > 0
+    # a rerun finds every row done: nothing is generated again, the tables are the same
+    again = run_headline(args, progress=False)
+    assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == 6
+    assert again["table"] == res["table"]
+    assert "cost model" in capsys.readouterr().out
+
+
+def test_summary_counts_loops_and_limits_from_the_baseline():
+    def row(pid, lane, tokens, stop, loop, steps=None):
+        r = {"prompt_id": pid, "category": "writing", "dtype": "float32", "lane": lane, "tokens": tokens,
+             "seconds": tokens / 10, "stop": stop, "looped": loop}
+        if steps:
+            r.update(verify_steps=steps, draft_ms=1.0, verify_ms=2.0, other_ms=0.1, identical=True, ok=True, margin=None)
+        return r
+
+    rows = [row("a", "baseline", 10, "eos", False), row("a", "chain s2-k1-n3", 10, "eos", False, 5),
+            row("b", "baseline", 20, "max_new_tokens", True), row("b", "chain s2-k1-n3", 20, "max_new_tokens", True, 5)]
+    t = summarize_headline(rows)["table"][0]
+    assert (t["baseline_limit_hits"], t["baseline_looped"], t["clean_prompts"]) == (1, 1, 1)
+    assert t["accept_length"] == pytest.approx(30 / 10)
+    assert t["clean_accept_length"] == pytest.approx(10 / 5)
