@@ -223,19 +223,35 @@ def summarize_headline(rows: list[dict], config: dict | None = None) -> dict:
     return {"config": config or {}, "table": table, "per_category": cats, "cost_model": cost}
 
 
+def _x(v) -> str:
+    return "n/a" if v is None else f"{v}x"
+
+
 def format_headline(result: dict) -> str:
-    lines = ["| dtype | setting | speedup | accept length | identical | clean speedup | clean accept | tok/s base -> EAGLE |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The tables as Markdown: the rows, the cost model, and per category for the fastest bf16 row."""
+    lines = ["| dtype | setting | speedup | accept length | identical to greedy | baseline hit limit / looped "
+             "| clean speedup | clean accept length | tok/s baseline -> EAGLE |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["table"]:
         lines.append(f"| {r['dtype']} | {r['setting']} | {r.get('speedup')}x | {r.get('accept_length')} | "
-                     f"{r['identical']}/{r['checked']} | {r['clean_speedup']}x ({r['clean_prompts']} prompts) | "
-                     f"{r['clean_accept_length']} | {r.get('baseline_tok_s')} -> {r.get('eagle_tok_s')} |")
-    lines += ["", "cost model: speedup ~ accept_length * t_step / (t_verify + t_draft + t_other)",
+                     f"{r['identical']}/{r['checked']} | {r['baseline_limit_hits']} / {r['baseline_looped']} | "
+                     f"{_x(r['clean_speedup'])} ({r['clean_prompts']} prompts) | {r['clean_accept_length']} | "
+                     f"{r.get('baseline_tok_s')} -> {r.get('eagle_tok_s')} |")
+    lines += ["", "Cost model: speedup ~ accept_length x t_step / (t_verify + t_draft + t_other), times per "
+              "iteration (t_step: one baseline token)", "",
               "| dtype | setting | t_step ms | t_verify ms | t_draft ms | t_other ms | predicted | measured |",
               "|---|---|---|---|---|---|---|---|"]
     for c in result["cost_model"]:
         lines.append(f"| {c['dtype']} | {c['setting']} | {c['t_step_ms']} | {c['t_verify_ms']} | {c['t_draft_ms']} | "
                      f"{c['t_other_ms']} | {c['predicted_speedup']}x | {c['measured_speedup']}x |")
+    bf = [r for r in result["table"] if r["dtype"] == "bfloat16" and r.get("speedup")]
+    if bf:
+        best = max(bf, key=lambda r: r["speedup"])
+        lines += ["", f"Per category, bfloat16 {best['setting']}:", "",
+                  "| category | prompts | speedup | accept length |", "|---|---|---|---|"]
+        for c in result["per_category"]:
+            if c["dtype"] == "bfloat16" and c["setting"] == best["setting"]:
+                lines.append(f"| {c['category']} | {c['prompts']} | {c.get('speedup')}x | {c.get('accept_length')} |")
     return "\n".join(lines)
 
 
