@@ -42,7 +42,7 @@ def test_headline_float32_lossless_and_resumes(tmp_path, capsys):
     again = run_headline(args, progress=False)
     assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == 6
     assert again["table"] == res["table"]
-    assert "cost model" in capsys.readouterr().out
+    assert "Cost model" in capsys.readouterr().out
 
 
 def test_summary_counts_loops_and_limits_from_the_baseline():
