@@ -27,6 +27,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .bench import DraftSetting
+
 
 def looped(ids: list[int], n: int = 10, times: int = 3) -> bool:
     """True when some n-gram occurs `times` times or more: the output repeats itself."""
@@ -34,18 +36,12 @@ def looped(ids: list[int], n: int = 10, times: int = 3) -> bool:
     return bool(counts) and max(counts.values()) >= times
 
 
-@dataclass
-class Setting:
-    """One EAGLE draft shape (SGLang's meanings): chain when topk == 1."""
-
-    num_steps: int
-    topk: int
-    num_draft_tokens: int
+class Setting(DraftSetting):
+    """bench's draft setting (SGLang's meanings, validated, a chain's size fixed), labelled chain or tree."""
 
     @property
     def label(self) -> str:
-        kind = "chain" if self.topk == 1 else "tree"
-        return f"{kind} s{self.num_steps}-k{self.topk}-n{self.num_draft_tokens}"
+        return f"{'chain' if self.topk == 1 else 'tree'} {super().label}"
 
     @classmethod
     def parse(cls, text: str) -> "Setting":
@@ -53,7 +49,7 @@ class Setting:
             s, k, n = (int(x) for x in text.split(","))
         except ValueError:
             raise ValueError(f"a draft setting is 'num_steps,topk,num_draft_tokens' (e.g. 5,1,6), not {text!r}")
-        return cls(s, k, s + 1 if k == 1 else n)
+        return cls(s, k, n)
 
 
 @dataclass

@@ -364,7 +364,8 @@ def regenerate(conversations: Dataset, backend, tokenizer, out_dir: str | os.Pat
     todo = [i for i in range(len(conversations)) if i not in done]
     # Similar prompt lengths share a batch (less left padding); each row keeps its index, so the
     # order is free and a resumed run picks up the same remaining rows.
-    todo.sort(key=lambda i: sum(len(m["content"]) for m in conversations[i]["messages"]))
+    chars = [sum(len(m["content"]) for m in msgs) for msgs in conversations["messages"]]  # one column read
+    todo.sort(key=chars.__getitem__)
     resumed = len(done)
     if resumed:
         print(f"Resuming: {resumed} of {len(conversations)} rows already done in {chunk_dir}")
