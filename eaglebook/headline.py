@@ -60,6 +60,8 @@ class HeadlineArgs:
     target: str = field(default="smollm2-135m", metadata={"help": "target model"})
     draft: str = field(default="smollm2-135m-eagle3", metadata={"help": "draft head: folder or shipped name"})
     suite: str = field(default="mt-bench", metadata={"help": "prompt suite (eaglebook.bench.load_suite)"})
+    prompts: str = field(default="", metadata={"help": "a prompts JSONL instead of the suite (e.g. the recipe's "
+                                                       "unseen-prompts.jsonl)"})
     limit: int = field(default=0, metadata={"help": "first N prompts (0 = all 80; round-robin over categories)"})
     max_new_tokens: int = field(default=256, metadata={"help": "generation limit"})
     dtypes: str = field(default="float32,bfloat16", metadata={"help": "comma-separated target dtypes"})
@@ -111,7 +113,7 @@ def run_headline(args: HeadlineArgs, progress: bool = True) -> dict:
     done = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()] if log.is_file() else []
     have = {(r["prompt_id"], r["dtype"], r["lane"]) for r in done}
     lanes, tok, info = _lanes(args)
-    prompts = bench.load_suite(args.suite, args.limit or None)
+    prompts = bench.load_suite(args.suite, args.limit or None, prompts_file=args.prompts or None)
     ids_of = {p.id: bench.render_ids(tok, p.messages(0)) for p in prompts}
     if args.warmup:
         for p in prompts[: args.warmup]:

@@ -16,6 +16,7 @@ Stages (each one resumes where a killed run stopped; wall-clock times go to reci
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ class DefaultHeadArgs:
     original_conversations: int = field(default=3000, metadata={"help": "ShareGPT conversations kept as written"})
     max_length: int = field(default=768, metadata={"help": "tokens per training sequence"})
     holdout_fraction: float = field(default=0.02, metadata={"help": "share of conversations held out"})
+    unseen_prompts: int = field(default=200, metadata={"help": "first turns never trained on, written to "
+                                                               "unseen-prompts.jsonl for `eaglebook headline --prompts`"})
     draft_vocab_size: int = field(default=4096, metadata={"help": "reduced draft vocabulary"})
     ttt_steps: int = field(default=7, metadata={"help": "unrolled draft steps"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training features"})
@@ -44,6 +47,39 @@ class DefaultHeadArgs:
     capture_dtype: str = field(default="bfloat16", metadata={"help": "target dtype while capturing"})
     export_dir: str = field(default="", metadata={"help": "where the finished head goes ('' = work_dir/head)"})
     stop_after: str = field(default="", metadata={"help": "stop after this stage (e.g. capture)"})
+
+
+def hardware() -> str:
+    """Where a stage ran, in a few words: the GPU's name, or the CPU's core and thread count."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def write_unseen_prompts(path, parts, limit: int, used=()) -> int:
+    """First turns of conversations the recipe never trains on (the hold-out split, then the
+    training rows past the ones it uses), as a prompts file `eaglebook headline --prompts` reads:
+    the head's accept length on its own distribution, beside MT-bench's. A first turn whose text
+    is also a first turn of a `used` conversation (ShareGPT repeats "hi" and the like) is left out."""
+
+    def first_turn(r):
+        msgs = r["messages"]
+        return msgs[: 2 if msgs[0]["role"] == "system" else 1]
+
+    seen = {first_turn(r)[-1]["content"] for part in used for r in part}
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for part in parts:
+            for r in part:
+                if n >= limit:
+                    return n
+                first = first_turn(r)
+                if first[-1]["role"] != "user" or first[-1]["content"] in seen:
+                    continue
+                seen.add(first[-1]["content"])
+                f.write(json.dumps({"id": r["id"], "category": "sharegpt-unseen", "messages": first}) + "\n")
+                n += 1
+    return n
 
 
 STAGES = ("conversations", "regenerate", "tokenize", "capture", "vocab", "train", "export")
@@ -60,7 +96,8 @@ class Recipe:
 
     def _done(self, stage: str, seconds: float, **facts) -> None:
         prev = self.log["stages"].get(stage, {})
-        self.log["stages"][stage] = {"seconds": round(prev.get("seconds", 0) + seconds, 1), **facts}
+        self.log["stages"][stage] = {"seconds": round(prev.get("seconds", 0) + seconds, 1), "hardware": hardware(),
+                                     **facts}
         self.log_path.write_text(json.dumps(self.log, indent=2, default=str))
         print(f"[{stage}] done in {seconds:.0f} s: {facts}", flush=True)
 
@@ -78,9 +115,14 @@ class Recipe:
         n_regen = min(a.regen_conversations, len(train_convs))
         regen_rows = train_convs.select(range(n_regen)).map(
             lambda r: {"messages": r["messages"][: 3 if r["messages"][0]["role"] == "system" else 2]})
-        orig_rows = train_convs.select(range(n_regen, min(len(train_convs), n_regen + a.original_conversations)))
+        n_used = min(len(train_convs), n_regen + a.original_conversations)
+        orig_rows = train_convs.select(range(n_regen, n_used))
+        unseen = write_unseen_prompts(self.dir / "unseen-prompts.jsonl",
+                                      [split["holdout"], train_convs.select(range(n_used, len(train_convs)))],
+                                      a.unseen_prompts, used=[train_convs.select(range(n_used))])
         self._done("conversations", time.time() - t0, kept=len(convs), holdout=len(split["holdout"]),
-                   regen=len(regen_rows), original=len(orig_rows), skipped=dict(report.skipped))
+                   regen=len(regen_rows), original=len(orig_rows), unseen_prompts=unseen,
+                   skipped=dict(report.skipped))
         if a.stop_after == "conversations":
             return None
 
@@ -230,8 +272,9 @@ def write_card(head_dir, headline: dict | None = None, extra: str = "") -> Path:
     a, st = tr.get("recipe", {}), tr.get("stages", {})
     aux = side.get("aux_layers", {})
     name = head_dir.name
+    where = st.get("train", {}).get("hardware")
     L = [f"# {name}: the default EAGLE-3 draft head for SmolLM2-135M-Instruct", "",
-         "Trained on this project's 2-core CPU with `eaglebook default-head` (see below), exported in the",
+         f"Trained with `eaglebook default-head`{f' on {where}' if where else ''} (see below), exported in the",
          "SGLang/vLLM EAGLE-3 format (`LlamaForCausalLMEagle3`, bf16), with a reduced draft vocabulary.", "",
          "```python", "import eaglebook", "model, tok = eaglebook.load_target(\"smollm2-135m\")",
          f"head = eaglebook.load_draft(\"{name}\", target=model, tokenizer=tok)  # checks the provenance below",
@@ -258,8 +301,8 @@ def write_card(head_dir, headline: dict | None = None, extra: str = "") -> Path:
               f"- TTT steps {a.get('ttt_steps')}, {a.get('epochs')} epochs = {st.get('train', {}).get('steps')} steps "
               f"of {a.get('batch_size')} sequences, AdamW, peak lr {a.get('learning_rate')} (cosine), "
               f"lm_head initialized from the target's rows",
-              "", "| stage | wall clock (s) |", "|---|---|"]
-        L += [f"| {k} | {v.get('seconds')} |" for k, v in st.items()]
+              "", "| stage | wall clock (s) | hardware |", "|---|---|---|"]
+        L += [f"| {k} | {v.get('seconds')} | {v.get('hardware', '')} |" for k, v in st.items()]
         tr_st = st.get("train", {})
         accs = [f"{tr_st[k]:.3f}" for k in sorted(tr_st) if k.startswith("eval_acc_")]
         L += ["", f"Held-out top-1 per draft position: {', '.join(accs)}; simulated accept length "

@@ -47,3 +47,29 @@ def test_card_is_written_from_the_heads_own_record(tmp_path):
     assert side["weights_fingerprint"] in text and "[1, 14, 26]" in text
     for stage in side["training"]["stages"]:
         assert f"| {stage} |" in text  # every stage's wall clock is in the card
+
+
+def test_recipe_writes_the_prompts_it_never_trains_on(tmp_path):
+    from eaglebook import bench, data
+
+    convs, _ = data.load_sharegpt(limit=120)
+    src = tmp_path / "convs.jsonl"
+    src.write_text("".join(json.dumps({"id": r["id"], "messages": r["messages"]}) + "\n" for r in convs))
+    args = recipe.DefaultHeadArgs(work_dir=str(tmp_path / "run"), data=str(src), regen_conversations=20,
+                                  original_conversations=30, holdout_fraction=0.1, unseen_prompts=1000,
+                                  stop_after="conversations")
+    assert recipe.Recipe(args).run() is None
+    from eaglebook.regenerate import prepare_conversations
+
+    train = data.split_holdout(prepare_conversations(str(src))[0], 0.1)["train"]
+    used = set(train.select(range(50))["id"])
+    prompts = bench.load_prompts_file(tmp_path / "run" / "unseen-prompts.jsonl")
+    ids = {p.id for p in prompts}
+    assert ids and not ids & used
+    assert len(ids) == len(prompts) == json.loads((tmp_path / "run" / "recipe.json").read_text())[
+        "stages"]["conversations"]["unseen_prompts"]
+    assert len(prompts) > (len(train) - 50) // 2  # the rest of the training split and the hold-out rows
+    used_text = {r["messages"][0]["content"] for r in train.select(range(50))}
+    texts = [p.turns[0] for p in prompts]
+    assert not set(texts) & used_text and len(set(texts)) == len(texts)  # nothing trained on, no repeats
+    assert all(p.category == "sharegpt-unseen" and len(p.turns) == 1 for p in prompts)

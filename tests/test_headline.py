@@ -59,3 +59,15 @@ def test_summary_counts_loops_and_limits_from_the_baseline():
     assert (t["baseline_limit_hits"], t["baseline_looped"], t["clean_prompts"]) == (1, 1, 1)
     assert t["accept_length"] == pytest.approx(30 / 10)
     assert t["clean_accept_length"] == pytest.approx(10 / 5)
+
+
+def test_headline_reads_a_prompts_file(tmp_path):
+    f = tmp_path / "unseen.jsonl"
+    f.write_text(json.dumps({"id": "u1", "category": "sharegpt-unseen",
+                             "messages": [{"role": "user", "content": "Name three rivers in Europe."}]}) + "\n")
+    args = HeadlineArgs(out=str(tmp_path / "out"), draft="", prompts=str(f), max_new_tokens=6, dtypes="float32",
+                        settings="2,1,3", threads=2, warmup=0)
+    res = run_headline(args, progress=False)
+    rows = [json.loads(ln) for ln in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
+    assert {(r["prompt_id"], r["category"]) for r in rows} == {("u1", "sharegpt-unseen")}
+    assert [c["category"] for c in res["per_category"]] == ["sharegpt-unseen"]
