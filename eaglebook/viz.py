@@ -80,7 +80,8 @@ def plot_lengths(datasets: dict, bins: int = 30):
 
 
 def plot_coverage(curves: dict, draft_vocab: int | None = None):
-    """Share of trained tokens the draft vocab covers vs its size: {name: (sizes, coverage)}."""
+    """Share of tokens the draft vocab covers vs its size: {name: (sizes, coverage)}, e.g. the
+    trained tokens it was chosen from and a held-out split's answers."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -90,7 +91,7 @@ def plot_coverage(curves: dict, draft_vocab: int | None = None):
         ax.axvline(draft_vocab, color="grey", ls="--", lw=1)
         ax.text(draft_vocab, 0.02, f" draft_vocab={draft_vocab}", color="grey", fontsize=8)
     ax.set(xscale="log", ylim=(0, 1.02), xlabel="draft vocab size (top-k trained tokens)",
-           ylabel="trained tokens covered", title="Draft-vocabulary coverage")
+           ylabel="tokens covered", title="Draft-vocabulary coverage")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -196,21 +197,6 @@ def plot_parameter_budget(rows: dict[str, dict[str, int]], target_params: dict[s
     ax.set_xlabel("trainable draft parameters, % of the target's")
     ax.legend(loc="lower right", fontsize=8, ncol=4)
     ax.set_xlim(0, max(ax.get_xlim()[1], 5) * 1.12)
-    fig.tight_layout()
-    return fig
-
-
-def plot_vocab_coverage(sizes, coverage, chosen: int | None = None):
-    """Share of (held-out) assistant tokens whose id is in a draft_vocab of each size."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
-    ax.plot(sizes, [100 * c for c in coverage], marker="o")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("draft_vocab size (most frequent ids)")
-    ax.set_ylabel("tokens covered (%)")
-    if chosen is not None:
-        ax.axvline(chosen, color="#f0a04b", ls="--", label=f"chosen: {chosen}")
-        ax.legend()
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 

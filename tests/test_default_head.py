@@ -73,3 +73,24 @@ def test_recipe_writes_the_prompts_it_never_trains_on(tmp_path):
     texts = [p.turns[0] for p in prompts]
     assert not set(texts) & used_text and len(set(texts)) == len(texts)  # nothing trained on, no repeats
     assert all(p.category == "sharegpt-unseen" and len(p.turns) == 1 for p in prompts)
+
+
+def test_accept_length_curve_reads_every_checkpoint_in_step_order(tmp_path, smollm2):
+    from safetensors.torch import save_file
+
+    from eaglebook import vocab
+    from eaglebook.draft import build_draft
+
+    model, tok = smollm2
+    trained = decode.load_head(model, "smollm2-135m-eagle3")
+    vocab.save_vocab_map(tmp_path / "vocab_map.safetensors", trained.d2t.clone(), trained.t2d.clone())
+    (tmp_path / "recipe.json").write_text(json.dumps({"args": {"batch_size": 4}, "stages": {}}))
+    untrained = build_draft(model, trained.d2t.clone(), trained.t2d.clone())  # same vocabulary, weights at init
+    for step, head in ((10, trained), (2, untrained)):  # 10 sorts after 2 by number, not by name
+        ck = tmp_path / "trainer" / f"checkpoint-{step}"
+        ck.mkdir(parents=True)
+        save_file({k: v.detach().float().contiguous().clone() for k, v in head.state_dict().items()},
+                  str(ck / "model.safetensors"))
+    rows = recipe.accept_length_curve(tmp_path, model, tok, limit=2, max_new_tokens=32, num_steps=3)
+    assert [(r["step"], r["sequences_seen"], r["prompts"]) for r in rows] == [(2, 8, 2), (10, 40, 2)]
+    assert rows[1]["accept_length"] > rows[0]["accept_length"] >= 1.0
