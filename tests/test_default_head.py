@@ -51,6 +51,7 @@ def test_card_is_written_from_the_heads_own_record(tmp_path):
 
 def test_recipe_writes_the_prompts_it_never_trains_on(tmp_path):
     from eaglebook import bench, data
+    from eaglebook.regenerate import prepare_conversations
 
     convs, _ = data.load_sharegpt(limit=120)
     src = tmp_path / "convs.jsonl"
@@ -59,8 +60,6 @@ def test_recipe_writes_the_prompts_it_never_trains_on(tmp_path):
                                   original_conversations=30, holdout_fraction=0.1, unseen_prompts=1000,
                                   stop_after="conversations")
     assert recipe.Recipe(args).run() is None
-    from eaglebook.regenerate import prepare_conversations
-
     train = data.split_holdout(prepare_conversations(str(src))[0], 0.1)["train"]
     used = set(train.select(range(50))["id"])
     prompts = bench.load_prompts_file(tmp_path / "run" / "unseen-prompts.jsonl")
