@@ -726,8 +726,8 @@ def load_head(target, draft_path: str | None = None, dtype=None):
 
 
 def resolve_head(target, draft_path: str = "", run_dir: str | None = None, dtype=None):
-    """(head, description): `draft_path` if given; else the shipped default (trained for an hour
-    and more on this CPU, so a learner sees a real speedup at once); else notebook 04's head in
+    """(head, description): `draft_path` if given; else the shipped default (trained on far more
+    data than a notebook can, so a learner sees a real speedup at once); else notebook 04's head in
     `run_dir`; else an untrained head (said plainly: it lowers accept_length only)."""
     if draft_path:
         return load_head(target, draft_path, dtype), f"head from {draft_path}"

@@ -16,7 +16,6 @@ Stages (each one resumes where a killed run stopped; wall-clock times go to reci
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,10 +49,18 @@ class DefaultHeadArgs:
 
 
 def hardware() -> str:
-    """Where a stage ran, in a few words: the GPU's name, or the CPU's core and thread count."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    """Where a stage ran, in a few words (from bench.hardware_info): the GPU, or the CPU and threads."""
+    from .bench import hardware_info
+
+    info = hardware_info()
+    if info.get("gpus"):
+        return info["gpus"][0]
+    return f"{info.get('cpu') or 'CPU'} ({info['cpu_count']} cores, {info.get('torch_threads')} threads)"
+
+
+def first_turn(messages: list[dict], answer: bool = False) -> list[dict]:
+    """The system message (if any) and the first user turn, plus its answer with `answer=True`."""
+    return messages[: (2 if messages[0]["role"] == "system" else 1) + answer]
 
 
 def write_unseen_prompts(path, parts, limit: int, used=()) -> int:
@@ -61,19 +68,14 @@ def write_unseen_prompts(path, parts, limit: int, used=()) -> int:
     training rows past the ones it uses), as a prompts file `eaglebook headline --prompts` reads:
     the head's accept length on its own distribution, beside MT-bench's. A first turn whose text
     is also a first turn of a `used` conversation (ShareGPT repeats "hi" and the like) is left out."""
-
-    def first_turn(r):
-        msgs = r["messages"]
-        return msgs[: 2 if msgs[0]["role"] == "system" else 1]
-
-    seen = {first_turn(r)[-1]["content"] for part in used for r in part}
+    seen = {first_turn(r["messages"])[-1]["content"] for part in used for r in part}
     n = 0
     with open(path, "w", encoding="utf-8") as f:
         for part in parts:
             for r in part:
                 if n >= limit:
                     return n
-                first = first_turn(r)
+                first = first_turn(r["messages"])
                 if first[-1]["role"] != "user" or first[-1]["content"] in seen:
                     continue
                 seen.add(first[-1]["content"])
@@ -114,7 +116,7 @@ class Recipe:
         train_convs = split["train"]
         n_regen = min(a.regen_conversations, len(train_convs))
         regen_rows = train_convs.select(range(n_regen)).map(
-            lambda r: {"messages": r["messages"][: 3 if r["messages"][0]["role"] == "system" else 2]})
+            lambda r: {"messages": first_turn(r["messages"], answer=True)})
         n_used = min(len(train_convs), n_regen + a.original_conversations)
         orig_rows = train_convs.select(range(n_regen, n_used))
         unseen = write_unseen_prompts(self.dir / "unseen-prompts.jsonl",
@@ -212,21 +214,6 @@ class Recipe:
         return path
 
 
-def learning_curve(log_csv) -> list[dict]:
-    """The held-out rows of a training log (trainer/log.csv): step, sequences seen, accuracies, tau_sim."""
-    import csv
-
-    rows = []
-    with open(log_csv) as fh:
-        for r in csv.DictReader(fh):
-            if r.get("eval_tau_sim"):
-                accs = sorted(k for k in r if k.startswith("eval_acc_") and r[k])
-                rows.append({"step": int(r["step"]), "epoch": round(float(r["epoch"]), 3),
-                             "tau_sim": round(float(r["eval_tau_sim"]), 3),
-                             **{k[5:]: round(float(r[k]), 4) for k in accs}})
-    return rows
-
-
 def accept_length_curve(work_dir, target, tokenizer, limit: int = 10, max_new_tokens: int = 128,
                         num_steps: int = 5) -> list[dict]:
     """Real accept length (chain decoding, MT-bench first turns) of every training checkpoint in
@@ -246,8 +233,10 @@ def accept_length_curve(work_dir, target, tokenizer, limit: int = 10, max_new_to
     prompts = [bench.render_ids(tokenizer, p.messages(0)) for p in bench.load_suite("mt-bench", limit)]
     dt = next(target.parameters()).dtype
     rows = []
-    ckpts = sorted((work_dir / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for ck in ckpts:
+    def step_of(ck: Path) -> int:
+        return int(ck.name.split("-")[1])
+
+    for ck in sorted((work_dir / "trainer").glob("checkpoint-*"), key=step_of):
         draft = build_draft(target, d2t, t2d)
         draft.load_state_dict(load_file(str(ck / "model.safetensors")))  # strict: every key
         draft = draft.to(dt).eval().requires_grad_(False)
@@ -256,8 +245,7 @@ def accept_length_curve(work_dir, target, tokenizer, limit: int = 10, max_new_to
         for ids in prompts:
             r = dec.generate(ids, max_new_tokens)
             toks, steps = toks + len(r.token_ids), steps + r.num_verify_steps
-        step = int(ck.name.split("-")[1])
-        rows.append({"checkpoint": ck.name, "step": step, "sequences_seen": step * batch,
+        rows.append({"checkpoint": ck.name, "step": step_of(ck), "sequences_seen": step_of(ck) * batch,
                      "accept_length": round(toks / max(1, steps), 3), "prompts": len(prompts)})
         print(rows[-1], flush=True)
     return rows
