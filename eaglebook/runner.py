@@ -81,6 +81,36 @@ def parameters_cell(nb_path: Path) -> dict:
     raise ValueError(f"{nb_path.name} has no cell tagged 'parameters' (papermill needs one)")
 
 
+def apply_profile(namespace: dict, notebook: str, profile: str, profiles: dict[str, dict]) -> dict:
+    """Apply a profile's recipe to the parameters a user left at their defaults.
+
+    `namespace` is the notebook's `globals()`; `profiles` maps a profile name to the values it
+    sets (`"cpu"` may be absent: the parameters cell's own defaults are the CPU recipe). A value
+    that differs from its declared default was set by the user (papermill injects its parameters
+    after the `parameters` cell, a learner edits them there) and always wins over the profile.
+    Returns the values changed; prints what changed and what was kept.
+    """
+    if profile != "cpu" and profile not in profiles:
+        raise ValueError(f"{notebook}: unknown profile {profile!r}; choose one of "
+                         f"{sorted(set(profiles) | {'cpu'})}")
+    defaults = parameters_cell(NOTEBOOK_DIR / f"{notebook}.ipynb")
+    recipe = profiles.get(profile, {})
+    undeclared = sorted(set(recipe) - set(defaults))
+    if undeclared:
+        raise ValueError(f"{notebook}: profile {profile!r} sets {undeclared}, which its parameters cell "
+                         f"does not declare")
+    changed, kept = {}, {}
+    for name, value in recipe.items():
+        if namespace.get(name) == defaults[name]:
+            namespace[name] = changed[name] = value
+        else:
+            kept[name] = namespace.get(name)
+    if changed or kept:
+        print(f"profile {profile}: " + ", ".join(f"{k}={v!r}" for k, v in changed.items())
+              + (f" (kept your {', '.join(f'{k}={v!r}' for k, v in kept.items())})" if kept else ""))
+    return changed
+
+
 def check_parameters(nb_path: Path, params: dict) -> None:
     """Papermill only warns on unknown parameters; we refuse them."""
     declared = parameters_cell(nb_path)

@@ -32,3 +32,18 @@ def test_notebook_follows_the_skeleton(nb):
     src = "".join("".join(c["source"]) for c in data["cells"])
     assert "write_results(" in src, f"{nb.name}: write the key figures to results.json"
     assert "## Summary" in src and "Exercises" in src
+
+
+def test_profile_fills_only_the_defaults_a_user_left():
+    nb = runner.NOTEBOOK_DIR / "04-ttt-training.ipynb"
+    ns = dict(runner.parameters_cell(nb))
+    ns["max_steps"] = 7  # set by the user (papermill injects after the parameters cell)
+    recipe = {"rtx3090": {"target": "meta-llama/Llama-3.1-8B-Instruct", "max_steps": 20000}}
+    changed = runner.apply_profile(ns, "04-ttt-training", "rtx3090", recipe)
+    assert changed == {"target": "meta-llama/Llama-3.1-8B-Instruct"}
+    assert ns["max_steps"] == 7 and ns["target"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert runner.apply_profile(ns, "04-ttt-training", "cpu", recipe) == {}
+    with pytest.raises(ValueError, match="unknown profile 'gpu'"):
+        runner.apply_profile(ns, "04-ttt-training", "gpu", recipe)
+    with pytest.raises(ValueError, match="does not declare"):
+        runner.apply_profile(ns, "04-ttt-training", "rtx3090", {"rtx3090": {"not_a_parameter": 1}})
