@@ -755,7 +755,9 @@ class GenerateArgs:
                                            "or 'input_ids'; optional 'id'"})
     output: str = field(default="generate.jsonl", metadata={"help": "output JSONL path"})
     target: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, folder or hub id"})
-    draft: str = field(default="", metadata={"help": "draft head path/name; empty = untrained head"})
+    draft: str = field(default="", metadata={"help": "draft head folder or shipped name; empty = the shipped "
+                                                          "default head (smollm2-135m-eagle3) if it fits the target, "
+                                                          "else an untrained head (the run says which)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | auto"})
     num_steps: int = field(default=4, metadata={"help": "draft depth"})
     topk: int = field(default=4, metadata={"help": "branching per expanded node (1 = chain)"})
@@ -784,11 +786,18 @@ def _prompt_from_record(rec: dict, tokenizer) -> list[int]:
 def run_generate(args: GenerateArgs) -> int:
     from .target import end_of_turn_ids, load_target
 
+    from .cli import UserError, read_jsonl
+
+    recs = []
+    for n, rec in read_jsonl(args.prompts, "prompts file"):
+        if not {"input_ids", "messages", "prompt"} & set(rec):
+            raise UserError(f"{args.prompts}:{n}: needs 'messages', 'prompt' or 'input_ids'")
+        recs.append(rec)
     target, tok = load_target(args.target, dtype=args.dtype, threads=args.threads or None)
-    draft = load_head(target, args.draft or None)
+    draft, what = resolve_head(target, args.draft)
+    print(f"draft: {what}")
     dec = EagleDecoder(target, draft, SpecConfig(args.num_steps, args.topk, args.num_draft_tokens),
                        eos_ids=end_of_turn_ids(tok, target.generation_config), tokenizer=tok)
-    recs = [json.loads(ln) for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
     if args.limit:
         recs = recs[:args.limit]
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)

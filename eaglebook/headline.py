@@ -112,8 +112,8 @@ def run_headline(args: HeadlineArgs, progress: bool = True) -> dict:
     log = out / "requests.jsonl"
     done = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()] if log.is_file() else []
     have = {(r["prompt_id"], r["dtype"], r["lane"]) for r in done}
-    lanes, tok, info = _lanes(args)
     prompts = bench.load_suite(args.suite, args.limit or None, prompts_file=args.prompts or None)
+    lanes, tok, info = _lanes(args)
     ids_of = {p.id: bench.render_ids(tok, p.messages(0)) for p in prompts}
     if args.warmup:
         for p in prompts[: args.warmup]:

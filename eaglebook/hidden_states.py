@@ -1085,6 +1085,8 @@ def load_tokenized(path: str, limit: int = 0):
     import datasets
 
     p = Path(path)
+    if not p.exists():
+        raise FeatureStoreError(f"{path} does not exist: expected a datasets folder (save_to_disk) or a .jsonl file")
     if p.is_dir():
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):

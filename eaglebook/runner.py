@@ -5,9 +5,11 @@ A suite run folder looks like:
         00-setup-check.ipynb           executed copy
         00-setup-check/results.json    the notebook's key figures (tests read these)
         00-setup-check/*.png           its figures
-        summary.json, summary.md       every notebook's status, time and results
+        summary.json, summary.md       every notebook's status, time beside its budget, and results
 Notebooks share one `run_dir`, so a later notebook finds an earlier one's outputs there
 (and builds small inputs itself when they are missing, so each can also run alone).
+A notebook that fails keeps its partially executed copy in the run folder, with the error
+shown at the top and in the cell that failed, so a learner sees how far it got.
 """
 from __future__ import annotations
 
@@ -22,6 +24,13 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO / "notebooks"
 PROFILES = ("cpu", "rtx3090", "full")
+
+# Time budgets with the defaults on a 2-core CPU (the workshop pace); summary.md flags a notebook
+# or a suite over its budget. A cell may run CELL_TIMEOUT_S before the run fails: twice a whole
+# notebook's budget, so the defaults never meet it and only a stalled cell does.
+NOTEBOOK_BUDGET_S = 300
+SUITE_BUDGET_S = 1200
+CELL_TIMEOUT_S = 600
 
 
 def notebook_paths(directory: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -121,10 +130,13 @@ def check_parameters(nb_path: Path, params: dict) -> None:
 
 
 def run_notebook(nb_path: Path, run_dir: str | os.PathLike, params: dict | None = None,
-                 timeout: int | None = 900, progress: bool = False) -> dict:
+                 timeout: int | None = CELL_TIMEOUT_S, progress: bool = False) -> dict:
     """Execute one notebook into `run_dir` and return its results.json (plus `_seconds`).
 
     `timeout`: seconds any one cell may run before the run fails (a stalled cell never hangs CI).
+    On any failure the executed copy `{run_dir}/{name}.ipynb` is kept, holding every output up
+    to the failing cell and the error (papermill marks a raised exception itself; a timeout or a
+    dead kernel is marked here), and the exception is raised again.
     """
     import papermill as pm
 
@@ -138,12 +150,45 @@ def run_notebook(nb_path: Path, run_dir: str | os.PathLike, params: dict | None 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     out = Path(run_dir) / nb_path.name
     t0 = time.time()
-    pm.execute_notebook(str(nb_path), str(out), parameters=params, cwd=str(nb_path.parent),
-                        kernel_name="python3", progress_bar=progress, execution_timeout=timeout,
-                        request_save_on_cell_execute=False)
+    try:
+        pm.execute_notebook(str(nb_path), str(out), parameters=params, cwd=str(nb_path.parent),
+                            kernel_name="python3", progress_bar=progress, execution_timeout=timeout,
+                            request_save_on_cell_execute=True)
+    except pm.PapermillExecutionError:
+        raise  # papermill wrote the copy with the traceback in the failing cell and a banner on top
+    except BaseException as exc:
+        mark_failed_copy(out, nb_path, exc)
+        raise
     results = read_results(run_dir, nb_path.stem)
     results["_seconds"] = round(time.time() - t0, 1)
     return results
+
+
+def mark_failed_copy(out: Path, nb_path: Path, exc: BaseException) -> None:
+    """Keep the executed copy of a notebook that stopped without a cell raising (a cell timeout,
+    a dead kernel, an interrupt): the cell that was running gets the error as its output, and a
+    banner on top says where the run stopped. Without a saved copy, the source notebook is kept."""
+    import nbformat
+
+    nb = nbformat.read(out if out.is_file() else nb_path, as_version=4)
+    # papermill stamps start_time on each cell it starts; the last one stamped was running
+    started = [i for i, c in enumerate(nb.cells)
+               if c.cell_type == "code" and c.get("metadata", {}).get("papermill", {}).get("start_time")]
+    where = started[-1] if started else None
+    if where is not None:
+        cell = nb.cells[where]
+        cell.setdefault("outputs", []).append(nbformat.v4.new_output(
+            "error", ename=type(exc).__name__, evalue=str(exc)[:2000], traceback=[f"{type(exc).__name__}: {exc}"]))
+        cell.metadata.papermill["status"] = "failed"
+        for later in nb.cells[where + 1:]:
+            later.get("metadata", {}).get("papermill", {})["status"] = "pending"
+    text = (f"**The run stopped here: {type(exc).__name__}.** {str(exc)[:500]}  \n"
+            + (f"It stopped in the cell that shows `{type(exc).__name__}` below; the outputs above it are kept."
+               if where is not None else "No cell had started."))
+    banner = nbformat.v4.new_markdown_cell(text)
+    banner.metadata["tags"] = ["eaglebook-run-error"]
+    nb.cells.insert(0, banner)
+    nbformat.write(nb, out)
 
 
 def load_params_file(path: str | os.PathLike | None) -> dict:
@@ -153,36 +198,56 @@ def load_params_file(path: str | os.PathLike | None) -> dict:
 
 
 def run_suite(run_dir: str | os.PathLike, profile: str = "cpu", only: list[str] | None = None,
-              params_file: str | None = None, stop_on_error: bool = False) -> dict:
-    """Run every numbered notebook in order; write summary.json and summary.md."""
+              params_file: str | None = None, stop_on_error: bool = False,
+              notebooks_dir: str | os.PathLike = NOTEBOOK_DIR, cell_timeout: int = CELL_TIMEOUT_S) -> dict:
+    """Run every numbered notebook of `notebooks_dir` in order; write summary.json and summary.md."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = load_params_file(params_file)
-    summary = {"run_dir": str(run_dir), "profile": profile, "notebooks": {}}
-    for nb in notebook_paths():
+    summary = {"run_dir": str(run_dir), "profile": profile, "budget_seconds": SUITE_BUDGET_S, "notebooks": {}}
+    for nb in notebook_paths(Path(notebooks_dir)):
         if only and not any(nb.stem.startswith(o) for o in only):
             continue
         params = {"profile": profile} if "profile" in parameters_cell(nb) else {}
         params.update(overrides.get(nb.stem, {}))
         print(f"== {nb.name} ...", flush=True)
         t0 = time.time()
+        entry = {"budget_seconds": NOTEBOOK_BUDGET_S, "executed": str(run_dir / nb.name)}
         try:
-            res = run_notebook(nb, run_dir, params, progress=True)
-            summary["notebooks"][nb.stem] = {"status": "ok", "seconds": round(time.time() - t0, 1), "results": res}
+            res = run_notebook(nb, run_dir, params, timeout=cell_timeout, progress=True)
+            entry.update(status="ok", seconds=round(time.time() - t0, 1), results=res)
             print(f"   ok in {time.time() - t0:.0f} s", flush=True)
         except Exception as exc:  # keep going: one broken notebook should not hide the others
-            summary["notebooks"][nb.stem] = {"status": "failed", "seconds": round(time.time() - t0, 1),
-                                             "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
-            print(f"   FAILED after {time.time() - t0:.0f} s: {type(exc).__name__}", flush=True)
-            if stop_on_error:
-                break
+            entry.update(status="failed", seconds=round(time.time() - t0, 1),
+                         error=f"{type(exc).__name__}: {str(exc)[:2000]}")
+            print(f"   FAILED after {time.time() - t0:.0f} s: {type(exc).__name__}; its executed copy "
+                  f"(with the error) is {entry['executed']}", flush=True)
+        summary["notebooks"][nb.stem] = entry
+        if entry["status"] != "ok" and stop_on_error:
+            break
+    summary["seconds"] = round(sum(s["seconds"] for s in summary["notebooks"].values()), 1)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
-    lines = ["| notebook | status | seconds |", "|---|---|---|"]
-    for name, s in summary["notebooks"].items():
-        lines.append(f"| {name} | {s['status']} | {s['seconds']} |")
-    (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    md = summary_markdown(summary)
+    (run_dir / "summary.md").write_text(md)
+    print(md)
     print(f"Executed notebooks, figures and results are in {run_dir}")
     return summary
+
+
+def summary_markdown(summary: dict) -> str:
+    """The suite's table: each notebook's status and time beside its budget; over-budget flagged."""
+    def budget(seconds: float, limit: float) -> str:
+        return f"{limit:g}" + (" **OVER BUDGET**" if seconds > limit else "")
+
+    lines = [f"Profile `{summary['profile']}`.", "",
+             "| notebook | status | seconds | budget (s) |", "|---|---|---|---|"]
+    for name, s in summary["notebooks"].items():
+        status = s["status"] if s["status"] == "ok" else f"**{s['status']}**: {s.get('error', '')[:200]}"
+        lines.append(f"| {name} | {status.replace('|', '/').replace(chr(10), ' ')} | {s['seconds']} | "
+                     f"{budget(s['seconds'], s['budget_seconds'])} |")
+    lines.append(f"| suite | {sum(s['status'] == 'ok' for s in summary['notebooks'].values())}/"
+                 f"{len(summary['notebooks'])} ok | {summary['seconds']} | "
+                 f"{budget(summary['seconds'], summary['budget_seconds'])} |")
+    return "\n".join(lines) + "\n"

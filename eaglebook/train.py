@@ -430,11 +430,13 @@ class TrainArgs:
 def _train_cli(a: TrainArgs) -> int:
     from . import export, vocab
     from .draft import build_draft, build_eagle1_draft
-    from .hidden_states import FeatureDataset
+    from .cli import UserError
+    from .hidden_states import FeatureDataset, read_index
     from .target import end_of_turn_ids, load_target
 
     if not a.features:
-        raise SystemExit("--features is required (a folder written by `eaglebook capture`)")
+        raise UserError("--features is required (a folder written by `eaglebook capture`)")
+    read_index(a.features)  # a missing or unfinished feature folder fails here, before the model loads
     model, tok = load_target(a.target, dtype="float32")
     feats = FeatureDataset(a.features, expect=(model, tok))
     n = len(feats)
