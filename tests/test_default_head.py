@@ -49,6 +49,20 @@ def test_card_is_written_from_the_heads_own_record(tmp_path):
         assert f"| {stage} |" in text  # every stage's wall clock is in the card
 
 
+def test_shipped_card_is_what_write_card_writes(tmp_path):
+    """The committed card is regenerated from the head's record, its headline.json and its
+    hand-written card-notes.md; rewriting it loses nothing (status and findings included)."""
+    head = tmp_path / HEAD.name
+    shutil.copytree(HEAD, head)
+    (head / "README.md").unlink()
+    text = recipe.write_card(head).read_text()
+    assert text == (HEAD / "README.md").read_text(), "regenerate the card: python -c \"from eaglebook import " \
+        "recipe; recipe.write_card('data/smollm2-135m-eagle3')\""
+    notes = (HEAD / recipe.CARD_NOTES).read_text().strip()
+    assert notes in text and "## Where it stands" in notes
+    assert "| float32 | tree s5-k4-n16 |" in text  # the headline table, from headline.json
+
+
 def test_recipe_writes_the_prompts_it_never_trains_on(tmp_path):
     from eaglebook import bench, data
     from eaglebook.regenerate import prepare_conversations
