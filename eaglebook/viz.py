@@ -115,49 +115,54 @@ def plot_skips(report, ax=None):
 
 
 # --------------------------------------------------------------------------------------
-# The suite: the pipeline the notebooks walk (README's figure)
+# The suite: the pipeline the notebooks walk (notebook 00 and the README)
 # --------------------------------------------------------------------------------------
 
-PIPELINE_STEPS = {  # what each notebook hands the next one
-    "00": "target + data ready",
-    "01": "loss-masked answers,\ndraft vocabulary",
-    "02": "aux + final\nhidden states",
-    "03": "EAGLE-3 head\n(+ exports)",
-    "04": "trained head,\ntau_sim",
-    "05": "lossless speedup,\naccept length",
-    "06": "tok/s, speedup\nper category",
+PIPELINE_STAGES = {  # notebook number: (short title, what it does)
+    "00": ("setup", "the target model,\nspeculative decoding"),
+    "01": ("data", "loss masks, the target's\nown answers, draft vocab"),
+    "02": ("hidden states", "low/mid/high + final\nfeatures, stored"),
+    "03": ("draft head", "one decoder layer\nover the features"),
+    "04": ("TTT training", "the head learns to\nguess the target"),
+    "05": ("tree decoding", "draft, verify, accept:\nlossless speedup"),
+    "06": ("benchmarks", "accept length, speedup;\nSGLang / vLLM"),
+}
+PIPELINE_STEPS = {  # what each notebook hands the next one (drawn on the arrow after it)
+    "00": "target", "01": "dataset +\nd2t/t2d", "02": "features", "03": "untrained\nhead",
+    "04": "trained\nhead", "05": "engine", "06": "numbers",
 }
 
 
-def plot_pipeline(notebooks: list | None = None):
-    """The suite as a pipeline: one box per numbered notebook (its title, read from the notebook)
-    and, under it, what it hands the next one."""
-    import json
-    import textwrap
-
+def plot_pipeline(notebooks: list | None = None, highlight: str | None = None):
+    """The suite as a pipeline: one box per numbered notebook (its number on its own, a short title,
+    what it does) and, on each arrow, what it hands the next one. `highlight` ("00".."06") marks
+    the notebook the reader is in."""
     from .runner import notebook_paths
 
-    paths = notebooks or notebook_paths()
-    titles = []
-    for path in paths:
-        first = "".join(json.loads(path.read_text())["cells"][0]["source"]).splitlines()[0]
-        titles.append(first.lstrip("# ").split(" · ", 1)[-1])
-    fig, ax = plt.subplots(figsize=(2.05 * len(paths), 2.6))
-    for i, (path, title) in enumerate(zip(paths, titles)):
-        x = i * 2.0
-        ax.add_patch(FancyBboxPatch((x, 1.0), 1.6, 1.1, boxstyle="round,pad=0.04",
-                                    fc="#fff3cd", ec="#555"))
-        ax.text(x + 0.8, 1.82, path.stem[:2], ha="center", va="center", fontsize=11, weight="bold")
-        ax.text(x + 0.8, 1.38, textwrap.fill(title, 20), ha="center", va="center", fontsize=7.5)
-        ax.text(x + 0.8, 0.55, PIPELINE_STEPS.get(path.stem[:2], ""), ha="center", va="center", fontsize=7,
-                color="#444", style="italic")
-        if i:
-            ax.annotate("", xy=(x - 0.06, 1.55), xytext=(x - 0.34, 1.55),
-                        arrowprops=dict(arrowstyle="->", color="#333", lw=1.4))
-    ax.set(xlim=(-0.15, 2.0 * len(paths) - 0.25), ylim=(0.2, 2.35))
+    nums = [p.stem[:2] for p in (notebooks or notebook_paths())]
+    n = len(nums)
+    fig, ax = plt.subplots(figsize=(2.3 * n, 2.4))
+    w, h, gap = 1.55, 1.35, 0.75
+    for i, num in enumerate(nums):
+        name, what = PIPELINE_STAGES.get(num, ("", ""))
+        x = i * (w + gap)
+        here = highlight is not None and num == str(highlight)[:2]
+        ax.add_patch(FancyBboxPatch((x, 0), w, h, boxstyle="round,pad=0.04",
+                                    facecolor="#ffd6a5" if here else TRAINABLE,
+                                    edgecolor="#e76f51" if here else "#4a6fa5", lw=2.2 if here else 1.2))
+        ax.text(x + w / 2, h - 0.22, num, ha="center", va="center", fontsize=11, weight="bold")
+        ax.text(x + w / 2, h - 0.5, name, ha="center", va="center", fontsize=9, weight="bold")
+        ax.text(x + w / 2, 0.35, what, ha="center", va="center", fontsize=7.5, color="#333333")
+        if i < n - 1:
+            ax.annotate("", xy=(x + w + gap - 0.03, h / 2), xytext=(x + w + 0.03, h / 2),
+                        arrowprops=dict(arrowstyle="-|>", color="#555555", lw=1.3))
+            ax.text(x + w + gap / 2, h / 2 + 0.1, PIPELINE_STEPS.get(num, ""), ha="center", va="bottom",
+                    fontsize=6.5, color="#555555", style="italic")
+    ax.set_xlim(-0.15, n * (w + gap) - gap + 0.15)
+    ax.set_ylim(-0.2, h + 0.2)
     ax.axis("off")
-    ax.set_title("eaglebook: one notebook per stage, each reads what the one before wrote into run_dir",
-                 fontsize=10)
+    ax.set_title("eaglebook: one notebook per stage, each reads what the one before wrote into run_dir"
+                 + ("  (you are here: orange)" if highlight else ""), fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -522,3 +527,68 @@ def plot_accept_lengths(accept_lengths, max_length: int | None = None, title: st
     ax.set_title(title or "accept lengths")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------
+# Notebook 00: one generation, coloured by verification step
+# --------------------------------------------------------------------------------------
+
+STEP_COLORS = ["#a8dadc", "#ffd6a5", "#caffbf", "#bdb2ff", "#ffadad", "#fdffb6", "#9bf6ff", "#ffc6ff"]
+PREFILL_COLOR = "#dee2e6"
+
+
+def plot_accepted_tokens(tokenizer, result, max_tokens: int = 120, width: float = 10.0, title: str | None = None):
+    """One generation, token by token, coloured by the verification step that produced it.
+
+    `result` is an `EagleDecoder.generate` result. The first token comes from the prefill (grey);
+    every later run of one colour is one target forward pass: the draft tokens it accepted, then
+    its bonus token (dashed edge). Long runs of one colour are where the draft guessed well."""
+    from matplotlib.patches import Patch
+
+    origin = [("prefill", 0, False)]  # (label, step index, is_bonus) per generated token
+    for s, st in enumerate(result.steps):
+        k = len(st.new_tokens)
+        bonus_at = len(st.accepted_nodes) - 1  # accepted drafts come first, the bonus after them
+        origin += [(f"step {s + 1}", s + 1, j == bonus_at) for j in range(k)]
+    ids = list(result.token_ids)[:max_tokens]
+    origin = origin[:len(ids)]
+    pieces = [_show_raw(tokenizer.decode([t])) for t in ids]
+    fig = plt.figure(figsize=(width, 1.0))
+    renderer = fig.canvas.get_renderer()
+    dpi_w = fig.dpi * width
+    x, line, boxes = 0.0, 0, []
+    pad = 6.0  # pixels between boxes
+    for piece, (label, step, bonus) in zip(pieces, origin):
+        t = fig.text(0, 0, piece, fontsize=9, family="monospace")
+        wpx = t.get_window_extent(renderer).width
+        t.remove()
+        if x + wpx + pad > dpi_w - 10 and x > 0:
+            x, line = 0.0, line + 1
+        boxes.append((x, line, piece, step, bonus))
+        x += wpx + pad
+    lines = line + 1
+    height = 0.9 + 0.32 * lines
+    fig.set_size_inches(width, height)
+    ax = fig.add_axes([0, 0.35 / height, 1, 1 - 0.8 / height])
+    ax.set_xlim(0, dpi_w)
+    ax.set_ylim(lines, -0.2)
+    ax.axis("off")
+    for x, line, piece, step, bonus in boxes:
+        color = PREFILL_COLOR if step == 0 else STEP_COLORS[(step - 1) % len(STEP_COLORS)]
+        ax.text(x + 5, line + 0.45, piece, fontsize=9, family="monospace", va="center",
+                bbox=dict(boxstyle="round,pad=0.2", facecolor=color,
+                          edgecolor="#333333" if bonus else color, linestyle="--" if bonus else "-", lw=1.0))
+    n_steps = len(result.steps)
+    shown = f" (first {len(ids)} of {len(result.token_ids)} tokens)" if len(ids) < len(result.token_ids) else ""
+    fig.suptitle(title or f"{len(result.token_ids)} tokens in {n_steps} verification steps: accept length "
+                 f"{result.accept_length:.2f}{shown}", fontsize=10, y=1 - 0.12 / height, va="top")
+    fig.legend(handles=[Patch(facecolor=PREFILL_COLOR, label="from the prefill"),
+                        Patch(facecolor=STEP_COLORS[0], label="one colour = one verification step"),
+                        Patch(facecolor="white", edgecolor="#333333", linestyle="--", label="bonus token")],
+               loc="lower center", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    return fig
+
+
+def _show_raw(piece: str) -> str:
+    # Visible whitespace, as in mask_html, but plain text for matplotlib (no HTML escaping; $ would start math).
+    return piece.replace(" ", "\u00b7").replace("\n", "\u21b5").replace("\t", "\u2192").replace("$", r"\$") or "\u2205"

@@ -87,12 +87,19 @@ def coverage(counts: torch.Tensor, t2d: torch.Tensor) -> float:
     return float(counts[t2d].sum()) / total if total else float("nan")
 
 
-def coverage_curve(counts: torch.Tensor, sizes=None) -> tuple[list[int], list[float]]:
-    """Share of trained tokens covered by the k most frequent tokens, for each k in `sizes`."""
+def coverage_curve(counts: torch.Tensor, sizes=None, rank_by: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
+    """Share of the tokens in `counts` covered by the k most frequent tokens, for each k in `sizes`.
+
+    By default the ranking comes from `counts` itself (in-sample: it reaches 1.0 once k covers every
+    distinct token). With `rank_by` (e.g. the training split's counts) the top k are chosen there and
+    measured on `counts` (e.g. a held-out split): what a draft vocab built from training data covers."""
     total = int(counts.sum())
     if total == 0:
         raise VocabError("no trained tokens to count (is loss_mask all zeros?)")
-    cum = torch.cumsum(torch.sort(counts, descending=True).values, 0)
+    if rank_by is not None and rank_by.shape != counts.shape:
+        raise VocabError(f"rank_by has {tuple(rank_by.shape)} entries, counts {tuple(counts.shape)}")
+    order = torch.argsort(-(counts if rank_by is None else rank_by), stable=True)
+    cum = torch.cumsum(counts[order], 0)
     if sizes is None:
         sizes = [2 ** p for p in range(4, 30) if 2 ** p < len(counts)] + [len(counts)]
     return list(sizes), [float(cum[min(k, len(cum)) - 1]) / total for k in sizes]

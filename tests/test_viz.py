@@ -31,3 +31,36 @@ def test_plots_are_figures(smollm2_tokenizer):
     assert fig.axes[0].lines
     rep.skip("demo reason")
     assert viz.plot_skips(rep).axes[0].patches
+
+
+def test_pipeline_has_one_box_per_notebook_and_marks_the_current_one():
+    from eaglebook import runner
+
+    fig = viz.plot_pipeline(highlight="03")
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert [t for t in texts if t.isdigit()] == [p.stem[:2] for p in runner.notebook_paths()]
+    faces = [p.get_facecolor() for p in ax.patches]
+    orange = matplotlib.colors.to_rgba("#ffd6a5")
+    assert faces.count(orange) == 1 and faces[3] == orange
+
+
+def test_accepted_tokens_one_box_per_token_coloured_by_step(smollm2):
+    from eaglebook import decode
+    from eaglebook.target import end_of_turn_ids
+
+    model, tok = smollm2
+    head = decode.load_head(model, "smollm2-135m-eagle3")
+    dec = decode.EagleDecoder(model, head, decode.SpecConfig(num_steps=3, topk=2, num_draft_tokens=6),
+                              eos_ids=end_of_turn_ids(tok, model.generation_config), tokenizer=tok)
+    res = dec.generate(decode.render_prompt_ids(tok, [{"role": "user", "content": "List the days of the week."}]), 24)
+    fig = viz.plot_accepted_tokens(tok, res)
+    boxes = [t for t in fig.axes[0].texts if t.get_bbox_patch() is not None]
+    assert len(boxes) == len(res.token_ids)
+    colours = [matplotlib.colors.to_hex(t.get_bbox_patch().get_facecolor()) for t in boxes]
+    want = [viz.PREFILL_COLOR] + [viz.STEP_COLORS[s % len(viz.STEP_COLORS)]
+                                  for s, st in enumerate(res.steps) for _ in st.new_tokens]
+    assert colours == want[:len(boxes)]
+    dashed = [t.get_bbox_patch().get_linestyle() == "--" for t in boxes]
+    assert sum(dashed) == sum(1 for st in res.steps if len(st.new_tokens) == len(st.accepted_nodes))  # one bonus per full step
+    assert str(len(res.steps)) in fig._suptitle.get_text()

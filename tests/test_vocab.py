@@ -68,3 +68,17 @@ def test_bad_maps_are_refused(tmp_path):
     assert torch.equal(d, d2t) and torch.equal(t, t2d) and meta == {"template_hash": "x"}
     with pytest.raises(vocab.VocabError, match="nonzero"):
         vocab.check_vocab_map(torch.tensor([1, -1]), t2d)  # ids [1, 0]: unsorted
+
+
+def test_held_out_coverage_ranks_by_the_training_counts():
+    train = vocab.trained_token_counts(toy_dataset(), 16)  # 7: 3, 5: 2, 9: 1
+    held = torch.zeros(16, dtype=torch.int64)
+    held[7], held[3], held[5] = 1, 2, 1  # token 3 was never trained
+    _, in_sample = vocab.coverage_curve(held, [1, 2, 16])
+    assert in_sample == [0.5, 0.75, 1.0]  # ranked by its own counts: 3 first, reaches 1.0
+    _, out = vocab.coverage_curve(held, [1, 2, 3, 16], rank_by=train)
+    assert out == [0.25, 0.5, 0.5, 1.0]  # the top-3 trained tokens (7, 5, 9) cover half
+    d2t, t2d = vocab.build_vocab_map(train, 2)
+    assert vocab.coverage(held, t2d) == out[1]  # the same number the draft vocab map gives
+    with pytest.raises(vocab.VocabError, match="rank_by"):
+        vocab.coverage_curve(held, rank_by=train[:8])
