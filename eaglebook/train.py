@@ -480,6 +480,7 @@ def training_arguments(output_dir: str, profile: str = "cpu", **overrides) -> tu
     from .device import native_bf16, pick_device
 
     dev = pick_device(p.pop("device", None))
+    check_optimizer(p.get("optim", "adamw_torch"), profile)
     p.setdefault("bf16", native_bf16(dev))
     p.setdefault("logging_steps", 10)
     p.setdefault("save_strategy", "steps")
@@ -493,6 +494,86 @@ def training_arguments(output_dir: str, profile: str = "cpu", **overrides) -> tu
     p.setdefault("use_cpu", dev.type == "cpu")
     args = TrainingArguments(output_dir=output_dir, remove_unused_columns=False, **p)
     return args, ttt_steps, max_length
+
+
+def check_optimizer(optim: str, profile: str = "") -> None:
+    """Refuse, with the fix, an optimizer whose package is not installed (8-bit Adam needs bitsandbytes)."""
+    import importlib.util
+
+    if "bnb" in optim and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"optim {optim!r}{f' (profile {profile!r})' if profile else ''} is bitsandbytes' 8-bit Adam, "
+                         "which is not installed: pip install 'eaglebook[rtx3090]' (needs a CUDA GPU), or pass "
+                         "optim='adamw_torch' (4x the optimizer memory; see plan_training_memory)")
+
+
+# Optimizer state per trainable parameter: two float32 moments, or two 8-bit ones (+ block scales).
+OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_bnb_8bit": 2}
+
+
+def draft_parameter_count(config, draft_vocab_size: int) -> int:
+    """Trainable parameters of an EAGLE-3 head for a Llama-shaped target config (dict or config):
+    fc (3H -> H), one decoder layer whose q/k/v read 2H, three norms, the final norm, lm_head (Vd x H)."""
+    from .hidden_states import _cfg
+
+    c = _cfg(config)
+    h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    layer = 2 * h * q + 2 * (2 * h * kv) + q * h + 3 * h * i + 3 * h
+    return 3 * h * h + layer + h + draft_vocab_size * h
+
+
+def plan_training_memory(config=None, gpu_gib: float = 24.0, max_length: int = 2048, batch_size: int = 1,
+                         ttt_steps: int = 7, draft_vocab_size: int = 32000, optim: str = "adamw_bnb_8bit",
+                         target_load: str = "head", target_dtype_bytes: int = 2, reserve_gib: float = 1.0) -> dict:
+    """What TTT training holds on one GPU, term by term with the arithmetic, and whether it fits.
+
+    target_load "head": what `eaglebook train` loads (`load_target_head`): the target's embedding and
+    lm_head only, in `target_dtype_bytes`; "full": the whole target in float32 (the old path, for
+    comparison). The head trains in float32 under bf16 autocast: weights, gradients and optimizer
+    state per trainable parameter, plus its frozen float32 copy of the embedding. Activations per
+    token and TTT step: the draft logits' chain (bf16 logits, their float32 copy, log-softmax, the
+    step's teacher slice and its exp: Vd x 18 B) and the decoder layer's saved tensors in bf16; once per
+    token the float32 features (4H) and the teacher's log-probs (Vd x 4 B), and the full-vocabulary
+    teacher logits (V x 2 B) transiently. These are estimates; torch.cuda.max_memory_allocated on the
+    real GPU confirms them.
+    """
+    from .hidden_states import GIB, LLAMA_3_1_8B, _cfg, param_count
+
+    c = _cfg(config or LLAMA_3_1_8B)
+    if optim not in OPTIMIZER_BYTES:
+        raise ValueError(f"optim {optim!r}: one of {sorted(OPTIMIZER_BYTES)}")
+    if target_load not in ("head", "full"):
+        raise ValueError("target_load is 'head' (embedding + lm_head) or 'full' (the whole target, float32)")
+    h, i, v, hd = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    P = draft_parameter_count(c, draft_vocab_size)
+    tied = bool(c.get("tie_word_embeddings"))
+    terms = {}
+    if target_load == "head":
+        n = v * h * (1 if tied else 2)
+        terms["target embedding + lm_head"] = (n * target_dtype_bytes,
+                                               f"{'1' if tied else '2'} x {v:,} x {h} x {target_dtype_bytes} B")
+    else:
+        n = param_count(c)
+        terms["whole target (float32)"] = (n * 4, f"{n:,} params x 4 B")
+    terms["head weights (float32)"] = (4 * P, f"{P:,} trainable x 4 B")
+    terms["head gradients (float32)"] = (4 * P, f"{P:,} x 4 B")
+    ob = OPTIMIZER_BYTES[optim]
+    terms[f"optimizer state ({optim})"] = (ob * P, f"{P:,} x {ob} B")
+    terms["head's frozen embedding (float32)"] = (4 * v * h, f"{v:,} x {h} x 4 B")
+    tokens = max_length * batch_size
+    per_step = draft_vocab_size * 18 + (2 * h + q + 2 * kv + q + 4 * h + 3 * i) * 2
+    once = 4 * h * 4 + draft_vocab_size * 4
+    terms["activations"] = (tokens * (ttt_steps * per_step + once),
+                            f"{tokens:,} tokens x ({ttt_steps} steps x {per_step / 1024:.0f} KiB + {once / 1024:.0f} KiB)")
+    terms["teacher logits (transient)"] = (tokens * v * 2, f"{tokens:,} x {v:,} x 2 B")
+    terms["CUDA context and allocator"] = (reserve_gib * GIB, f"{reserve_gib} GiB")
+    total = sum(b for b, _ in terms.values())
+    lines = [f"{k}: {why} = {b / GIB:.2f} GiB" for k, (b, why) in terms.items()]
+    lines.append(f"total {total / GIB:.2f} GiB of {gpu_gib} GiB: " + ("fits" if total <= gpu_gib * GIB else "does NOT fit"))
+    return {"model": c.get("name", "target"), "gpu_gib": gpu_gib, "trainable_params": P,
+            "terms_gib": {k: b / GIB for k, (b, _) in terms.items()}, "total_gib": total / GIB,
+            "fits": total <= gpu_gib * GIB, "arithmetic": lines}
 
 
 def _default_reporters() -> list[str]:
