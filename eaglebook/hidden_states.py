@@ -191,7 +191,7 @@ def resolve_aux_layers(num_hidden_layers: int, aux_layers: Sequence[int] | None 
         if sliding:
             warnings.warn(f"aux layers HF {sliding} are outputs of sliding-window layers (SGLang ids "
                           f"{[j - 1 for j in sliding]}: {[types[j - 1] for j in sliding]}), which saw only a window "
-                          f"of the prefix; the full-attention choice for this target is HF {list(default)}",
+                          f"of the prefix; the full-attention choice for this target is HF {list(default) if default else 'n/a'}",
                           stacklevel=2)
     if warn and hf_t != default:
         rec = aux_layers_record(n, hf_t)
