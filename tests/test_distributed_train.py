@@ -23,7 +23,8 @@ def test_torchrun_two_ranks_train_the_single_process_head(smol_store, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "PYTHONPATH": str(REPO), "EAGLEBOOK_THREADS": "1", "OMP_NUM_THREADS": "1"}
     # The multi-GPU command of the README, on 2 CPU processes (torch picks the gloo backend).
-    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "eaglebook.cli", "train",
+    # --standalone: a free rendezvous port, so parallel runs on one machine do not collide on 29500
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "eaglebook.cli", "train",
            "--features", str(smol_store), "--output_dir", str(tmp_path / "ddp"), *TRAIN_FLAGS]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     out = proc.stdout + proc.stderr
