@@ -2,7 +2,7 @@
 __version__ = "0.1.0"
 
 from .device import setup  # noqa: E402
-from .target import DEFAULT_TARGET, load_target, target_info  # noqa: E402
+from .target import DEFAULT_TARGET, load_target, load_target_head, target_info  # noqa: E402
 from . import runner  # noqa: E402,F401
 
 
@@ -12,4 +12,4 @@ def load_draft(name_or_path, target=None, tokenizer=None, dtype=None):
 
     return _load(name_or_path, target=target, tokenizer=tokenizer, dtype=dtype)
 
-__all__ = ["__version__", "setup", "DEFAULT_TARGET", "load_target", "target_info", "load_draft"]
+__all__ = ["__version__", "setup", "DEFAULT_TARGET", "load_target", "load_target_head", "target_info", "load_draft"]

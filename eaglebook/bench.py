@@ -581,7 +581,7 @@ def sglang_command(cfg: SGLangConfig, mode: str, setting: DraftSetting | None = 
     if cfg.mem_fraction_static is not None:
         cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
     if cfg.cuda_graph_max_bs is not None:
-        cmd += ["--cuda-graph-max-bs", str(cfg.cuda_graph_max_bs)]
+        cmd += ["--cuda-graph-max-bs-decode", str(cfg.cuda_graph_max_bs)]  # SGLang 0.5.23 splits it per phase
     if cfg.attention_backend:
         cmd += ["--attention-backend", cfg.attention_backend]
     if cfg.disable_radix_cache:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import DynamicCache
 
-from .hidden_states import default_aux_layers
+from .hidden_states import choose_aux_layers, layer_types_of
 
 
 class DecodeError(ValueError):
@@ -175,6 +175,20 @@ def capture_aux(target, aux_layers, store: list):
             h.remove()
         if slots:
             store.append(torch.cat([slots[j] for j in aux_layers], dim=-1))
+
+
+@contextmanager
+def capture_final(target, store: list):
+    """A forward hook that appends the decoder's output (the final, normed state = HF
+    hidden_states[N], what an EAGLE-1/2 head reads) to `store` during the `with` block."""
+    def hook(module, args, output):
+        store.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = target.get_decoder().register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
 
 
 def target_forward(target, input_ids, position_ids, cache, attention_mask=None, logits_at=None):
@@ -331,7 +345,9 @@ class DecodeState:
 
 
 class EagleDecoder:
-    """EAGLE-2/3 tree decoding with a target (`transformers` causal LM) and an `Eagle3Draft`.
+    """EAGLE-2/3 tree decoding with a target (`transformers` causal LM) and a draft head: an
+    `Eagle3Draft` (EAGLE-3, fed the target's fused aux features) or an `Eagle1Draft` (fed the
+    target's final state; with this dynamic tree that is EAGLE-2).
 
         dec = EagleDecoder(target, draft, SpecConfig(num_steps=4, topk=4, num_draft_tokens=16),
                            eos_ids=end_of_turn_ids(tokenizer, target.generation_config))
@@ -347,14 +363,26 @@ class EagleDecoder:
         self.spec = spec or SpecConfig()
         self.eos_ids = list(eos_ids)
         self.tokenizer = tokenizer
-        n = target.config.get_text_config().num_hidden_layers
-        self.aux_layers = tuple(aux_layers or getattr(draft.config, "aux_layers", None) or default_aux_layers(n))
-        if max(self.aux_layers) >= n:
-            raise DecodeError(f"aux layers {self.aux_layers} do not exist in a {n}-layer target")
         tc = target.config.get_text_config()
-        if draft.fc.in_features != len(self.aux_layers) * tc.hidden_size:
-            raise DecodeError(f"draft fc expects {draft.fc.in_features} features, the target gives "
-                              f"{len(self.aux_layers)} x {tc.hidden_size}")
+        n = tc.num_hidden_layers
+        from .draft import Eagle1Draft
+
+        self.reads_final = isinstance(draft, Eagle1Draft)  # EAGLE-1/2: the final state, no aux layers
+        if self.reads_final:
+            if aux_layers:
+                raise DecodeError("an EAGLE-1/2 head reads the target's final state: it takes no aux_layers")
+            self.aux_layers = ()
+            if draft.config.hidden_size != tc.hidden_size:
+                raise DecodeError(f"EAGLE-1/2 head width {draft.config.hidden_size} != target hidden size "
+                                  f"{tc.hidden_size}")
+        else:
+            self.aux_layers = tuple(aux_layers or getattr(draft.config, "aux_layers", None)
+                                    or choose_aux_layers(n, layer_types_of(tc)))
+            if max(self.aux_layers) >= n:
+                raise DecodeError(f"aux layers {self.aux_layers} do not exist in a {n}-layer target")
+            if draft.fc.in_features != len(self.aux_layers) * tc.hidden_size:
+                raise DecodeError(f"draft fc expects {draft.fc.in_features} features, the target gives "
+                                  f"{len(self.aux_layers)} x {tc.hidden_size}")
         if draft.config.vocab_size != tc.vocab_size:
             raise DecodeError(f"draft vocab_size {draft.config.vocab_size} != target vocab {tc.vocab_size}")
         self.device = next(target.parameters()).device
@@ -366,7 +394,8 @@ class EagleDecoder:
     # -- pieces ------------------------------------------------------------------------
     def _target(self, ids, pos, cache, mask=None, logits_at=None):
         feats: list = []
-        with capture_aux(self.target, self.aux_layers, feats):
+        with (capture_final(self.target, feats) if self.reads_final else
+              capture_aux(self.target, self.aux_layers, feats)):
             logits = target_forward(self.target, ids, pos, cache, mask, logits_at)
         return logits, feats[0]
 
@@ -377,7 +406,7 @@ class EagleDecoder:
         out = self.draft(ids, feats, pos, past_key_values=state.draft_cache, logits=False)
         last = out.hidden[0, -1]
         state.root_hidden = last
-        state.root_logprobs = torch.log_softmax(self.draft.lm_head(self.draft.norm(last)).float(), dim=-1)
+        state.root_logprobs = torch.log_softmax(self.draft.compute_logits(last).float(), dim=-1)
 
     def prefill(self, input_ids, sampling: SamplingConfig | None = None, stop: StopChecker | None = None,
                 generator: torch.Generator | None = None) -> DecodeState:

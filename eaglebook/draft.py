@@ -39,13 +39,23 @@ def draft_config_from_target(target_config, draft_vocab_size: int | None = None,
 
     The draft copies the target's width, heads, head_dim, MLP size, norm eps and RoPE, so
     the same code serves SmolLM2-135M and Llama-3.1-8B. `vocab_size` stays the target's;
-    `draft_vocab_size` is the reduced head (None = the full target vocab).
+    `draft_vocab_size` is the reduced head (None = the full target vocab). `aux_layers` (HF
+    indices) are the layers the head reads; None = the target's default, which on a
+    hybrid-attention target is its full-attention choice (recorded, so exports pin it).
     """
     tc = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    if aux_layers is None:
+        from .hidden_states import choose_aux_layers, layer_types_of
+
+        types = layer_types_of(tc)
+        if types is not None:
+            aux_layers = choose_aux_layers(tc.num_hidden_layers, types)
     n_heads = tc.num_attention_heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // n_heads
     rope = getattr(tc, "rope_parameters", None) or {"rope_type": "default",
                                                      "rope_theta": getattr(tc, "rope_theta", 10000.0)}
+    if "full_attention" in rope and isinstance(rope["full_attention"], dict):
+        rope = rope["full_attention"]  # hybrid models keep RoPE per layer type; the draft attends fully
     cfg = LlamaConfig(
         vocab_size=tc.vocab_size,
         hidden_size=tc.hidden_size,
@@ -147,6 +157,11 @@ class Eagle3Draft(nn.Module):
         """Copy the target's (frozen) embedding, and optionally its output rows at the draft ids."""
         copy_from_target(self, target, lm_head_rows)
 
+    @property
+    def feature_width(self) -> int:
+        """Width of the target features the head reads at its first step (k aux layers x H)."""
+        return self.fc.in_features
+
     # -- forward -------------------------------------------------------------------------
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Target features (3*H_target wide) go through fc; the draft's own H-wide state does not."""
@@ -177,8 +192,12 @@ class Eagle3Draft(nn.Module):
         h = self.project(hidden.to(self.fc.weight.dtype))
         pos_emb = self.rotary_emb(h, position_ids)
         out = self.midlayer(embeds, h, pos_emb, attention_mask, past_key_values)
-        lg = self.lm_head(self.norm(out)) if logits else None
+        lg = self.compute_logits(out) if logits else None
         return DraftOutput(logits=lg, hidden=out, past_key_values=past_key_values)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits of the layer's output: final norm, then the reduced lm_head."""
+        return self.lm_head(self.norm(hidden))
 
 
 @torch.no_grad()
@@ -284,8 +303,16 @@ class Eagle1Draft(nn.Module):
         for layer in self.layers:
             h = layer(h, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, position_embeddings=pos_emb)
-        lg = self.lm_head(h) if logits else None
+        lg = self.compute_logits(h) if logits else None
         return DraftOutput(logits=lg, hidden=h, past_key_values=past_key_values)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the output: it regresses the target's (normed) final state, so no final norm."""
+        return self.lm_head(hidden)
+
+    @property
+    def feature_width(self) -> int:
+        return self.config.hidden_size
 
 
 def build_eagle1_draft(target, fc_bias: bool = True, dtype: torch.dtype | None = None) -> Eagle1Draft:

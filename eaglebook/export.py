@@ -109,6 +109,19 @@ def _llama_fields(cfg, dtype: torch.dtype) -> dict:
     }
 
 
+def refuse_post_norm_layers(draft_config) -> dict:
+    """The head's aux layers (both conventions); raises if one is HF index N, the final state after
+    the final norm: SGLang and vLLM capture pre-norm residual states, so no engine can serve it."""
+    aux = draft_aux_layers(draft_config)
+    n = getattr(draft_config, "target_num_hidden_layers", None)
+    if n and aux["hf"] and n in aux["hf"]:
+        raise DraftError(f"aux layers HF {aux['hf']} include index {n}, the final state after the final norm. "
+                         "SGLang and vLLM capture pre-norm residual states only (vLLM's id N would be the last "
+                         "layer's un-normed output, a different tensor), so no engine can feed this head what it "
+                         f"trained on: retrain it on layers below {n}")
+    return aux
+
+
 def eagle3_config(draft: Eagle3Draft) -> dict:
     """config.json of the canonical EAGLE-3 directory (serving-formats.md section 6)."""
     cfg = draft.config
@@ -116,11 +129,11 @@ def eagle3_config(draft: Eagle3Draft) -> dict:
          "draft_vocab_size": cfg.draft_vocab_size,
          "target_hidden_size": cfg.target_hidden_size,
          "norm_before_residual": False}  # residual = fc output, before hidden_norm (vLLM's flag)
-    aux = draft_aux_layers(cfg)
+    aux = refuse_post_norm_layers(cfg)
     if not aux["default"]:
         if aux["sglang"] is None:
-            raise DraftError(f"aux layers HF {aux['hf']} include the embedding output (0) or the final normed "
-                             "state (N), which SGLang cannot capture: this head serves only through vLLM "
+            raise DraftError(f"aux layers HF {aux['hf']} include the embedding output (HF index 0), which SGLang "
+                             "cannot capture (its ids name layer outputs): this head serves only through vLLM "
                              "(export_speculators)")
         # SGLang reads only the nested list (its convention); vLLM's top-level list wins there.
         d["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": aux["sglang"], "use_aux_hidden_state": True}
@@ -132,7 +145,7 @@ def speculators_config(draft: Eagle3Draft, verifier_name_or_path: str, verifier_
                        speculative_tokens: int = 3) -> dict:
     """config.json in vllm-project/speculators' EAGLE-3 format."""
     cfg = draft.config
-    aux = draft_aux_layers(cfg)
+    aux = refuse_post_norm_layers(cfg)
     layer = {"architectures": ["LlamaForCausalLM"], **_llama_fields(cfg, draft.fc.weight.dtype)}
     return {
         "architectures": ["Eagle3DraftModel"],
@@ -652,5 +665,18 @@ def check_export(path) -> dict:
     if fmt == "eagle3" and (ids is not None or top is not None):
         if ids is None or top is None or [j + 1 for j in ids] != list(top):
             raise DraftError(f"pinned layer ids must be written in both conventions (SGLang {ids}, vLLM {top} = +1)")
+    if fmt in ("eagle3", "speculators"):
+        refuse_post_norm_layers(cfg)
+        recorded = (side.get("aux_layers") or {}).get("hf")
+        n = side.get("target_num_hidden_layers")
+        pinned = top if fmt == "eagle3" else config.get("eagle_aux_hidden_state_layer_ids")
+        if pinned is None and ids is not None:
+            pinned = [j + 1 for j in ids]
+        engines_read = list(pinned) if pinned is not None else (list(default_aux_layers(n)) if n else None)
+        if recorded is not None and engines_read is not None and list(recorded) != engines_read:
+            raise DraftError(f"eaglebook.json records aux layers HF {list(recorded)} (what the head trained on), but "
+                             f"config.json makes engines read HF {engines_read}"
+                             + ("" if pinned is not None else " (their default: no ids pinned)")
+                             + ": the head would be served other features than it trained on")
     return {"format": fmt, "keys": sorted(tensors), "draft_vocab_size": cfg.draft_vocab_size,
             "vocab_size": cfg.vocab_size, "dtype": str(tensors["fc.weight"].dtype).replace("torch.", "")}

@@ -97,16 +97,78 @@ def sglang_to_hf(sglang_ids: Iterable[int], num_hidden_layers: int | None = None
     return out
 
 
-def resolve_aux_layers(num_hidden_layers: int, aux_layers: Sequence[int] | None = None,
-                       convention: str = "hf", warn: bool = True) -> tuple[int, ...]:
-    """The aux layers to capture, as HF indices. `None` means the EAGLE-3 default.
+FULL_ATTENTION = "full_attention"
 
-    Custom layers (e.g. only the full-attention layers of a hybrid model) are allowed but
-    engines use the defaults unless the exported draft pins the ids, so we warn.
+
+def layer_types_of(config) -> list[str] | None:
+    """The target's per-layer attention kinds (`config.layer_types` in transformers, e.g.
+    "sliding_attention" / "full_attention"), or None for a model whose layers are all alike."""
+    if config is None:
+        return None
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(tc, "layer_types", None)
+    if not types or all(t == FULL_ATTENTION for t in types):
+        return None
+    return list(types)
+
+
+def explain_aux_layers(num_hidden_layers: int, layer_types: Sequence[str] | None = None) -> dict:
+    """The default aux layers for a target, and why: {"hf", "sglang", "engine_default_hf", "reason",
+    "layer_types" (of the layers whose outputs are captured)}.
+
+    Uniform models: EAGLE-3's (2, N//2, N-3). Hybrid-attention models (sliding-window and
+    full-attention layers interleaved, e.g. OLMo-3, Gemma-3): each captured state should be the
+    output of a *full-attention* layer, since a sliding-window layer's output has only seen a
+    window of the prefix. HF index j is the output of layer j-1 (SGLang id j-1), so for each of the
+    low/mid/high SGLang ids [1, N//2-1, N-4] we take the nearest full-attention layer i (i <= N-2,
+    ties to the lower layer, each used once) and capture HF index i+1.
     """
     n = int(num_hidden_layers)
+    base = default_aux_layers(n)
+    types = list(layer_types) if layer_types else None
+    if types is not None and len(types) != n:
+        raise ValueError(f"layer_types has {len(types)} entries for a target with {n} layers")
+    if types is None or all(t == FULL_ATTENTION for t in types):
+        return {"hf": list(base), "sglang": hf_to_sglang(base, n), "engine_default_hf": list(base),
+                "reason": "EAGLE-3's default low/mid/high layers (2, N//2, N-3)", "layer_types": None}
+    full = [i for i in range(n - 1) if types[i] == FULL_ATTENTION]  # SGLang ids that are full-attention outputs
+    if len(full) < len(base):
+        raise ValueError(f"only {len(full)} full-attention layers (SGLang ids {full}) below the last layer: "
+                         "not enough for three distinct aux layers; pass aux_layers explicitly")
+    chosen: list[int] = []
+    for want in hf_to_sglang(base, n):
+        i = min((i for i in full if i not in chosen), key=lambda i: (abs(i - want), i))
+        chosen.append(i)
+    chosen.sort()
+    moved = [(w, c) for w, c in zip(hf_to_sglang(base, n), chosen) if w != c]
+    why = ("hybrid attention: captured states must be outputs of full-attention layers; "
+           + (", ".join(f"SGLang id {w} ({types[w]}) -> {c}" for w, c in moved) if moved
+              else "the default layers already are"))
+    hf = [i + 1 for i in chosen]
+    return {"hf": hf, "sglang": chosen, "engine_default_hf": list(base), "reason": why,
+            "layer_types": [types[i] for i in chosen]}
+
+
+def choose_aux_layers(num_hidden_layers: int, layer_types: Sequence[str] | None = None) -> tuple[int, ...]:
+    """The default aux layers (HF indices) for a target; see `explain_aux_layers` for the rule."""
+    return tuple(explain_aux_layers(num_hidden_layers, layer_types)["hf"])
+
+
+def resolve_aux_layers(num_hidden_layers: int, aux_layers: Sequence[int] | None = None,
+                       convention: str = "hf", warn: bool = True,
+                       layer_types: Sequence[str] | None = None) -> tuple[int, ...]:
+    """The aux layers to capture, as HF indices. `None` means the default for this target
+    (`choose_aux_layers`: EAGLE-3's, or full-attention layers on a hybrid-attention model).
+
+    Index N (the final state, after the final norm) is refused: serving engines capture the
+    pre-norm residual stream, so no engine can feed such a head what it trained on.
+    Custom layers are allowed but engines use their defaults unless the exported draft pins the
+    ids, so we warn; on a hybrid model a sliding-window layer's output gets its own warning.
+    """
+    n = int(num_hidden_layers)
+    types = list(layer_types) if layer_types else None
     if aux_layers is None:
-        return default_aux_layers(n)
+        return choose_aux_layers(n, types)
     if convention not in ("hf", "sglang"):
         raise ValueError(f"convention must be 'hf' or 'sglang', not {convention!r}")
     hf = sglang_to_hf(aux_layers, n) if convention == "sglang" else [int(j) for j in aux_layers]
@@ -115,15 +177,27 @@ def resolve_aux_layers(num_hidden_layers: int, aux_layers: Sequence[int] | None 
     for j in hf:
         if not 0 <= j <= n:
             raise ValueError(f"aux layer HF index {j} is out of range 0..{n} for a target with {n} layers")
+        if j == n:
+            raise ValueError(f"aux layer HF index {n} is the final state after the final norm; EAGLE-3 heads are "
+                             "served on pre-norm residual states (SGLang and vLLM capture those), so no engine could "
+                             f"give this head the feature it trained on. Use an index below {n} (the last layer's "
+                             f"input is {n - 1})")
     if len(set(hf)) != len(hf):
         raise ValueError(f"aux layers repeat an index: {hf}")
     hf_t = tuple(hf)
-    default = default_aux_layers(n) if n >= 7 else None
+    default = choose_aux_layers(n, types) if n >= 7 else None
+    if warn and types is not None:
+        sliding = [j for j in hf_t if j >= 1 and types[j - 1] != FULL_ATTENTION]
+        if sliding:
+            warnings.warn(f"aux layers HF {sliding} are outputs of sliding-window layers (SGLang ids "
+                          f"{[j - 1 for j in sliding]}: {[types[j - 1] for j in sliding]}), which saw only a window "
+                          f"of the prefix; the full-attention choice for this target is HF {list(default) if default else 'n/a'}",
+                          stacklevel=2)
     if warn and hf_t != default:
         rec = aux_layers_record(n, hf_t)
         warnings.warn(f"custom aux layers HF {list(hf_t)} (SGLang {rec['sglang'] or 'n/a'}); SGLang and vLLM use "
-                      f"the default HF {list(default) if default else 'n/a'} unless the exported draft config pins "
-                      "these ids (eaglebook's export writes both conventions)", stacklevel=2)
+                      f"the default HF {list(default_aux_layers(n)) if n >= 7 else 'n/a'} unless the exported draft "
+                      "config pins these ids (eaglebook's export writes both conventions)", stacklevel=2)
     return hf_t
 
 
@@ -134,6 +208,7 @@ def aux_layers_record(num_hidden_layers: int, hf_layers: Sequence[int]) -> dict:
         sg = hf_to_sglang(hf, num_hidden_layers)
     except ValueError:
         sg = None  # embedding output or final normed state: not expressible in SGLang ids
+    # "default": the layers SGLang and vLLM pick on their own (an export need not pin them)
     default = num_hidden_layers >= 7 and tuple(hf) == default_aux_layers(num_hidden_layers)
     return {"hf": hf, "sglang": sg, "default": default}
 
@@ -165,7 +240,8 @@ class HiddenStateCapture:
     def __init__(self, model, aux_layers: Sequence[int] | None = None, convention: str = "hf"):
         self.model = model
         self.base, self.layers, self.num_layers = _decoder_parts(model)
-        self.aux_layers = resolve_aux_layers(self.num_layers, aux_layers, convention)
+        self.aux_layers = resolve_aux_layers(self.num_layers, aux_layers, convention,
+                                             layer_types=layer_types_of(model.config))
         self._handles: list = []
         self._store: dict[int, torch.Tensor] = {}
 
@@ -564,7 +640,7 @@ def write_features(model, tokenizer, sequences, out_dir: str | os.PathLike, *,
     lengths, data_hash = seqs.lengths_and_hash()
     _, _, n_layers = _decoder_parts(model)
     hidden = model.config.hidden_size
-    hf_layers = resolve_aux_layers(n_layers, aux_layers)
+    hf_layers = resolve_aux_layers(n_layers, aux_layers, warn=False, layer_types=layer_types_of(model.config))
     info = target_info(model, tokenizer)
     if target_name or not info.get("target"):
         info["target"] = target_name or f"unnamed {type(model).__name__}"  # a model built in memory has no name
@@ -852,7 +928,7 @@ class OnlineFeatures(torch.utils.data.IterableDataset):
         self.to_cpu = to_cpu  # False keeps features on the target's device (online training on one GPU)
         self.seqs = sequences if isinstance(sequences, Sequences) else Sequences(sequences, max_length=max_length)
         _, _, n_layers = _decoder_parts(model)
-        self.aux = resolve_aux_layers(n_layers, aux_layers)
+        self.aux = resolve_aux_layers(n_layers, aux_layers, layer_types=layer_types_of(model.config))
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
         self.storage = normalize_storage(storage_dtype) if storage_dtype else None
         if self.storage == "fp8-channel":
@@ -863,6 +939,11 @@ class OnlineFeatures(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+    @property
+    def aux_layers(self) -> dict:
+        """The captured layers in both conventions (as `FeatureDataset.aux_layers`)."""
+        return aux_layers_record(self.model.config.num_hidden_layers, self.aux)
 
     def _round(self, x: torch.Tensor) -> torch.Tensor:
         if self.storage is None:
@@ -1105,9 +1186,13 @@ def _capture_cli(args: CaptureArgs) -> int:
     device = f"cuda:{local}" if torch.cuda.is_available() else None
     model, tok = load_target(args.target, dtype=args.dtype, device=device, verbose=rank == 0)
     data = load_tokenized(args.data, args.limit)
+    n, types = model.config.num_hidden_layers, layer_types_of(model.config)
     aux = None
     if args.aux_layers:
-        aux = resolve_aux_layers(model.config.num_hidden_layers, args.aux_layers, args.aux_convention)
+        aux = resolve_aux_layers(n, args.aux_layers, args.aux_convention, layer_types=types)
+    elif types is not None and rank == 0:
+        why = explain_aux_layers(n, types)
+        print(f"aux layers HF {why['hf']} (SGLang {why['sglang']}): {why['reason']}")
     rep = write_features(model, tok, data, args.out_dir, aux_layers=aux, storage=args.storage,
                          batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens or None,
                          max_length=args.max_length or None, shard_mb=args.shard_mb, verify=args.verify,

@@ -112,6 +112,8 @@ def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
     float32 or bfloat16 give the same fingerprint, while different weights (the Q4_1
     dequantized SmolLM2 vs the hub's bf16 one) do not. Tied tensors count once.
     """
+    if isinstance(getattr(model, "weights_fingerprint", None), str):  # a TargetHead: computed from the files
+        return model.weights_fingerprint
     h = hashlib.sha256()
     seen = set()
     for name, t in sorted(model.state_dict().items()):
@@ -301,3 +303,183 @@ def target_info(model, tokenizer) -> dict:
         "vocab_size": model.config.vocab_size,
         "eaglebook_version": __version__,
     }
+
+
+# --------------------------------------------------------------------------------------
+# What training needs from a target, without the decoder layers
+# --------------------------------------------------------------------------------------
+
+_ST_DTYPES = {"F32": ("<f4", torch.float32), "BF16": ("<u2", torch.bfloat16), "F16": ("<f2", torch.float16)}
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise TargetError(f"{path} holds no safetensors weights (needed to read the lm_head alone)")
+    return files
+
+
+def _safetensors_header(file: Path) -> tuple[dict, int]:
+    """(tensor name -> {dtype, shape, data_offsets}, byte offset of the data) of a safetensors file."""
+    import struct
+
+    with open(file, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def checkpoint_fingerprint(path: str | os.PathLike, config=None, sample: int = 4096) -> str:
+    """`weights_fingerprint` of a checkpoint folder, computed from its safetensors files without
+    loading the model: each tensor's fixed strided sample is read through a memory map.
+
+    Names, order and tied tensors follow the model's own `state_dict` (built on the meta device,
+    so it costs no memory), so the result equals `weights_fingerprint(load_target(path)[0])`.
+    """
+    import numpy as np
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    config = config or AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    if getattr(config, "tie_word_embeddings", False):
+        skeleton.tie_weights()
+    where: dict[str, tuple[Path, dict, int]] = {}
+    for f in _safetensors_files(path):
+        header, start = _safetensors_header(f)
+        for name, info in header.items():
+            where[name] = (f, info, start)
+    sd = skeleton.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, t in sd.items():
+        groups.setdefault(id(t), []).append(name)
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    maps: dict[Path, np.memmap] = {}
+    for name, t in sorted(sd.items()):
+        if id(t) in seen or not t.is_floating_point():
+            continue
+        seen.add(id(t))
+        stored = next((n for n in sorted(groups[id(t)]) if n in where), None)
+        if stored is None:
+            raise TargetError(f"{path}: the checkpoint has no tensor for {name!r} (nor a tied copy)")
+        f, info, start = where[stored]
+        if info["dtype"] not in _ST_DTYPES:
+            raise TargetError(f"{stored}: stored as {info['dtype']}; fingerprinting reads F32/BF16/F16")
+        if tuple(info["shape"]) != tuple(t.shape):
+            raise TargetError(f"{stored}: shape {tuple(info['shape'])} in the file, {tuple(t.shape)} in the model")
+        np_dtype, torch_dtype = _ST_DTYPES[info["dtype"]]
+        if f not in maps:
+            maps[f] = np.memmap(f, dtype=np.uint8, mode="r")
+        a, b = info["data_offsets"]
+        flat = maps[f][start + a:start + b].view(np_dtype)
+        step = max(1, flat.size // sample)
+        vals = torch.from_numpy(np.array(flat[::step][:sample]))  # a copy of just the sample
+        if torch_dtype is torch.bfloat16:
+            vals = vals.view(torch.bfloat16)
+        vals = vals.to(torch.bfloat16).view(torch.int16)
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(vals.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class TargetHead(torch.nn.Module):
+    """What training a draft needs from its target, and nothing more: the config, the input
+    embedding and the output head (one tensor when tied), the generation config and the
+    provenance (weights fingerprint). It stands in for the target wherever a head is built,
+    trained, checked or saved (`build_draft`, `FeatureDataset(expect=...)`, `head_provenance`).
+
+    For Llama-3.1-8B that is 2 x 128256 x 4096 values (~2 GB in bf16) instead of 16 GB (bf16)
+    or 32 GB (float32) of decoder weights: training fits a 24 GB GPU.
+    """
+
+    def __init__(self, config, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor | None,
+                 fingerprint: str, generation_config=None, name_or_path: str = ""):
+        super().__init__()
+        self.config = config
+        V, H = embed_weight.shape
+        self.embed_tokens = torch.nn.Embedding(V, H, _weight=embed_weight, _freeze=True)
+        self.lm_head = torch.nn.Linear(H, V, bias=False, device="meta")
+        self.lm_head.weight = (self.embed_tokens.weight if lm_head_weight is None
+                               else torch.nn.Parameter(lm_head_weight, requires_grad=False))
+        self.weights_fingerprint = fingerprint
+        self.generation_config = generation_config
+        self.name_or_path = name_or_path
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+def _local_checkpoint(name_or_path: str) -> Path:
+    path = resolve_target(name_or_path)
+    if os.path.isdir(path):
+        return Path(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model",
+                                                            "*.txt", "tokenizer*"]))
+    except Exception as exc:  # offline, gated, missing: say which
+        raise TargetError(f"Could not fetch {name_or_path!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def load_target_head(name_or_path: str = DEFAULT_TARGET, dtype=None, device=None, threads: int | None = None,
+                     verbose: bool = True):
+    """(TargetHead, tokenizer): the target's config, embedding, lm_head and provenance, read from its
+    safetensors files tensor by tensor; the decoder layers are never loaded.
+
+    Training needs only these (the teacher is `lm_head(stored final feature)`), so this is what
+    `eaglebook train` and notebook 04 use; `weights_fingerprint` is computed from the files and
+    equals the loaded model's.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    dev, dt = setup(device, dtype, threads, verbose=verbose)
+    path = _local_checkpoint(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise TargetError(f"Could not load target {name_or_path!r} from {path}: {exc}") from exc
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except OSError:
+        gen = GenerationConfig.from_model_config(config)
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    manifest = path / "eaglebook-manifest.json"
+    fingerprint = (json.loads(manifest.read_text()).get("weights_fingerprint") if manifest.is_file() else None)
+    fingerprint = fingerprint or checkpoint_fingerprint(path, config)
+    where = {}
+    for f in _safetensors_files(path):
+        for name in _safetensors_header(f)[0]:
+            where[name] = f
+
+    def read(suffix: str) -> torch.Tensor | None:
+        name = next((n for n in sorted(where) if n == suffix or n.endswith("." + suffix)), None)
+        if name is None:
+            return None
+        with safe_open(str(where[name]), framework="pt") as fh:
+            return fh.get_tensor(name).to(device=dev, dtype=dt)
+
+    embed = read("embed_tokens.weight")
+    if embed is None:
+        raise TargetError(f"{path}: no embed_tokens.weight in the checkpoint")
+    tied = bool(getattr(tc, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+    head = None if tied else read("lm_head.weight")
+    if head is None and not tied:
+        raise TargetError(f"{path}: no lm_head.weight, and the config does not tie it to the embedding")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = TargetHead(config, embed, head, fingerprint, gen, name_or_path)
+    return model.eval().requires_grad_(False), tokenizer

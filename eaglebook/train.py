@@ -24,7 +24,6 @@ not the dataset's text.
 from __future__ import annotations
 
 import csv
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +176,8 @@ def eagle1_forward(draft: Eagle1Draft, batch: dict, lm_head_weight: torch.Tensor
     (smooth-L1, weight v_w) and, through the target's lm_head, the target's distribution at
     t+1 (soft cross-entropy, weight p_w), on trained tokens x_{t+2}. Both losses send
     gradients into the draft (BaldEagle's detached classification loss trained nothing).
-    `noise`: uniform feature noise of that std during training, as EAGLE-1 does.
+    `noise`: EAGLE-1's feature noise while training: uniform, (rand - 0.5) * noise * 512 / T added
+    to the input features (EAGLE-1 trains with noise 0.2); off in eval mode.
     """
     ids, final = batch["input_ids"], batch["final_hidden"]
     B, T = ids.shape
@@ -185,7 +185,7 @@ def eagle1_forward(draft: Eagle1Draft, batch: dict, lm_head_weight: torch.Tensor
     trained = batch["loss_mask"].bool() & batch["attention_mask"].bool()
     feats = final.to(draft.fc.weight.dtype)
     if noise and draft.training:
-        feats = feats + (torch.rand_like(feats) - 0.5) * noise * math.sqrt(12)
+        feats = feats + (torch.rand_like(feats) - 0.5) * (noise * 512 / T)
     n = T - 2
     inp = torch.zeros_like(ids)
     inp[:, : T - 1] = ids[:, 1:]
@@ -211,11 +211,93 @@ def eagle1_forward(draft: Eagle1Draft, batch: dict, lm_head_weight: torch.Tensor
     return loss, stats, [out.logits]
 
 
-def draft_loss(draft, batch: dict, lm_head_weight: torch.Tensor, ttt_steps: int, decay: float):
-    """The training loss of either head: TTT for EAGLE-3, feature + token loss for EAGLE-1/2."""
+EAGLE1_FEATURE_NOISE = 0.2  # EAGLE-1's training noise (see eagle1_forward)
+
+
+def draft_loss(draft, batch: dict, lm_head_weight: torch.Tensor, ttt_steps: int, decay: float,
+               feature_noise: float = 0.0):
+    """The training loss of either head: TTT for EAGLE-3, feature + token loss for EAGLE-1/2
+    (with `feature_noise` on its input features while the head is in training mode)."""
     if isinstance(draft, Eagle1Draft):
-        return eagle1_forward(draft, batch, lm_head_weight)
+        return eagle1_forward(draft, batch, lm_head_weight, noise=feature_noise)
     return ttt_forward(draft, batch, lm_head_weight, ttt_steps, decay)
+
+
+class DraftLoss(nn.Module):
+    """The module the Trainer trains, and so the one DDP/FSDP wrap: its forward runs the whole
+    loss (the TTT unroll for EAGLE-3) on one batch.
+
+    Data-parallel training averages gradients inside the *wrapper's* forward/backward: calling the
+    bare head (`ddp.module(...)`) would leave every rank training its own copy on its own shard.
+    So the unroll lives here, and `EagleTrainer.compute_loss` calls the wrapped module.
+
+    Its state dict is the head's (same keys as before, so checkpoints and `resume` are unchanged).
+    The target's lm_head weight is held outside the module state: it is neither trained, saved,
+    nor broadcast between ranks (1 GB for Llama-3.1-8B).
+    """
+
+    def __init__(self, draft: nn.Module, lm_head_weight: torch.Tensor, ttt_steps: int = 7, decay: float = 0.8,
+                 feature_noise: float = 0.0):
+        super().__init__()
+        self.draft = draft
+        self._head = [lm_head_weight.detach().requires_grad_(False)]  # a list: not a parameter or buffer
+        self.ttt_steps, self.decay, self.feature_noise = ttt_steps, decay, feature_noise
+        self.last_stats: TTTStats | None = None
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self._head[0]
+
+    def forward(self, input_ids, loss_mask, attention_mask, final_hidden, aux_hidden=None):
+        batch = {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask,
+                 "final_hidden": final_hidden}
+        if aux_hidden is not None:
+            batch["aux_hidden"] = aux_hidden
+        head = self._head[0]
+        if head.device != final_hidden.device:
+            head = self._head[0] = head.to(final_hidden.device)  # moved once, then kept there
+        loss, stats, logits = draft_loss(self.draft, batch, head, self.ttt_steps, self.decay, self.feature_noise)
+        self.last_stats = stats
+        return {"loss": loss, "logits": logits}
+
+    # the head's own keys in checkpoints
+    def state_dict(self, *args, **kwargs):
+        return self.draft.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.draft.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _all_reduce_stats(stats: TTTStats) -> TTTStats:
+    """Sum per-rank evaluation counts over all ranks (a no-op in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    names = ("trained", "correct", "chain_ok", "chain_correct", "loss_steps")
+    flat = torch.cat([getattr(stats, n) for n in names] + [torch.tensor([stats.dropped, stats.batches],
+                                                                       dtype=torch.float64)])
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flat = flat.to(dev)
+    dist.all_reduce(flat)
+    flat = flat.cpu()
+    K = stats.ttt_steps
+    out = TTTStats(K, **{n: flat[i * K:(i + 1) * K].clone() for i, n in enumerate(names)})
+    out.dropped, out.batches = int(flat[-2]), int(flat[-1])
+    return out
+
+
+def weights_digest(draft: nn.Module) -> str:
+    """sha256 of the head's trainable weights (names, shapes and float32 bytes): equal iff bitwise equal."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(draft.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------
@@ -295,26 +377,49 @@ class CSVLogger(TrainerCallback):
 class EagleTrainer(Trainer):
     """`transformers.Trainer` whose loss is EAGLE-3 TTT against the target's own distribution.
 
-    Everything else (accumulation, bf16, checkpoints, resume, logging, multi-GPU via
-    accelerate/torchrun) is the Trainer's own.
+    Pass the head as `model`; the Trainer trains a `DraftLoss` around it, whose forward runs the
+    whole unroll, so under torchrun/accelerate DDP syncs the gradients (the head itself is
+    `trainer.draft`, trained in place). Everything else (accumulation, bf16, checkpoints, resume,
+    logging, multi-GPU) is the Trainer's own. EAGLE-1/2 heads train with EAGLE-1's feature noise.
     """
 
-    def __init__(self, *args, lm_head_weight: torch.Tensor, ttt_steps: int = 7, decay: float = 0.8, **kw):
+    def __init__(self, *args, lm_head_weight: torch.Tensor, ttt_steps: int = 7, decay: float = 0.8,
+                 feature_noise: float | None = None, **kw):
         kw.setdefault("data_collator", collate)
-        super().__init__(*args, **kw)
-        self.lm_head_weight = lm_head_weight.detach().requires_grad_(False)
+        args = list(args)
+        model = kw.pop("model") if "model" in kw else (args.pop(0) if args else None)
+        if model is None:
+            raise ValueError("EagleTrainer needs the draft head as model=")
+        if isinstance(model, DraftLoss):
+            model = model.draft
+        if isinstance(model, Eagle1Draft):
+            ttt_steps = 1  # EAGLE-1/2 trains one step (no TTT unroll)
+            noise = EAGLE1_FEATURE_NOISE if feature_noise is None else feature_noise
+        else:
+            noise = 0.0
+        check_feature_layers(model, kw.get("train_dataset"), kw.get("eval_dataset"))
+        super().__init__(DraftLoss(model, lm_head_weight, ttt_steps, decay, noise), *args, **kw)
         self.ttt_steps = ttt_steps
         self.decay = decay
-        if isinstance(self.accelerator.unwrap_model(self.model), Eagle1Draft):
-            self.ttt_steps = 1  # EAGLE-1/2 trains one step (no TTT unroll)
         self._running = TTTStats(self.ttt_steps)
 
+    @property
+    def draft(self) -> nn.Module:
+        """The head being trained (the same object that was passed in as `model`)."""
+        return self._loss_module().draft
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self._loss_module().lm_head_weight
+
+    def _loss_module(self) -> DraftLoss:
+        return self.accelerator.unwrap_model(self.model)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        draft = self.accelerator.unwrap_model(model)
-        head = self.lm_head_weight.to(inputs["final_hidden"].device)
-        loss, stats, logits = draft_loss(draft, inputs, head, self.ttt_steps, self.decay)
-        self._running.add(stats)
-        return (loss, {"logits": logits}) if return_outputs else loss
+        # `model` is what the Trainer wrapped (DDP/FSDP/...): calling it is what syncs gradients.
+        out = model(**{k: v for k, v in inputs.items() if k != "seq_id"})
+        self._running.add(self._loss_module().last_stats)
+        return (out["loss"], out) if return_outputs else out["loss"]
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._running.batches:
@@ -324,25 +429,46 @@ class EagleTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """Per-step accuracy, conditional accuracy and tau_sim on held-out data."""
+        """Per-step accuracy, conditional accuracy and tau_sim on held-out data (summed over ranks)."""
         loader = self.get_eval_dataloader(eval_dataset)
-        draft = self.accelerator.unwrap_model(self.model)
-        was_training = draft.training
-        draft.eval()
+        module = self._loss_module()
+        was_training = module.training
+        module.eval()
         stats = TTTStats(self.ttt_steps)
         for batch in loader:  # noqa: B007
             batch = self._prepare_inputs(batch)
             with self.compute_loss_context_manager():
-                _, s, _ = draft_loss(draft, batch, self.lm_head_weight.to(batch["final_hidden"].device),
-                                     self.ttt_steps, self.decay)
-            stats.add(s)
-        draft.train(was_training)
+                module(**{k: v for k, v in batch.items() if k != "seq_id"})
+            stats.add(module.last_stats)
+        module.train(was_training)
+        stats = _all_reduce_stats(stats)
         metrics = stats.metrics(f"{metric_key_prefix}_")
         metrics[f"{metric_key_prefix}_loss"] = sum(metrics[f"{metric_key_prefix}_loss_{k}"] * self.decay ** k
                                                    for k in range(self.ttt_steps))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+def check_feature_layers(draft, *datasets) -> None:
+    """Refuse features captured at other layers than the head reads (EAGLE-3): a head trained on
+    them would be served with other features than it learned from, silently."""
+    if isinstance(draft, Eagle1Draft) or not hasattr(draft, "config"):
+        return
+    from .export import draft_aux_layers
+
+    want = draft_aux_layers(draft.config)["hf"]
+    for ds in datasets:
+        while isinstance(ds, torch.utils.data.Subset):
+            ds = ds.dataset
+        rec = getattr(ds, "aux_layers", None)  # FeatureDataset / OnlineFeatures record them
+        have = rec.get("hf") if isinstance(rec, dict) else (list(rec) if rec is not None else None)
+        if have is not None and want is not None and list(have) != list(want):
+            from .draft import DraftError
+
+            raise DraftError(f"the features were captured at aux layers HF {list(have)}, but the head reads HF "
+                             f"{list(want)}: build the head with build_draft(..., aux_layers={tuple(have)}) "
+                             "(eaglebook train does this from the store), or capture the head's layers")
 
 
 def training_arguments(output_dir: str, profile: str = "cpu", **overrides) -> tuple[TrainingArguments, int, int]:
@@ -354,6 +480,7 @@ def training_arguments(output_dir: str, profile: str = "cpu", **overrides) -> tu
     from .device import native_bf16, pick_device
 
     dev = pick_device(p.pop("device", None))
+    check_optimizer(p.get("optim", "adamw_torch"), profile)
     p.setdefault("bf16", native_bf16(dev))
     p.setdefault("logging_steps", 10)
     p.setdefault("save_strategy", "steps")
@@ -367,6 +494,86 @@ def training_arguments(output_dir: str, profile: str = "cpu", **overrides) -> tu
     p.setdefault("use_cpu", dev.type == "cpu")
     args = TrainingArguments(output_dir=output_dir, remove_unused_columns=False, **p)
     return args, ttt_steps, max_length
+
+
+def check_optimizer(optim: str, profile: str = "") -> None:
+    """Refuse, with the fix, an optimizer whose package is not installed (8-bit Adam needs bitsandbytes)."""
+    import importlib.util
+
+    if "bnb" in optim and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"optim {optim!r}{f' (profile {profile!r})' if profile else ''} is bitsandbytes' 8-bit Adam, "
+                         "which is not installed: pip install 'eaglebook[rtx3090]' (needs a CUDA GPU), or pass "
+                         "optim='adamw_torch' (4x the optimizer memory; see plan_training_memory)")
+
+
+# Optimizer state per trainable parameter: two float32 moments, or two 8-bit ones (+ block scales).
+OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_bnb_8bit": 2}
+
+
+def draft_parameter_count(config, draft_vocab_size: int) -> int:
+    """Trainable parameters of an EAGLE-3 head for a Llama-shaped target config (dict or config):
+    fc (3H -> H), one decoder layer whose q/k/v read 2H, three norms, the final norm, lm_head (Vd x H)."""
+    from .hidden_states import _cfg
+
+    c = _cfg(config)
+    h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    layer = 2 * h * q + 2 * (2 * h * kv) + q * h + 3 * h * i + 3 * h
+    return 3 * h * h + layer + h + draft_vocab_size * h
+
+
+def plan_training_memory(config=None, gpu_gib: float = 24.0, max_length: int = 2048, batch_size: int = 1,
+                         ttt_steps: int = 7, draft_vocab_size: int = 32000, optim: str = "adamw_bnb_8bit",
+                         target_load: str = "head", target_dtype_bytes: int = 2, reserve_gib: float = 1.0) -> dict:
+    """What TTT training holds on one GPU, term by term with the arithmetic, and whether it fits.
+
+    target_load "head": what `eaglebook train` loads (`load_target_head`): the target's embedding and
+    lm_head only, in `target_dtype_bytes`; "full": the whole target in float32 (the old path, for
+    comparison). The head trains in float32 under bf16 autocast: weights, gradients and optimizer
+    state per trainable parameter, plus its frozen float32 copy of the embedding. Activations per
+    token and TTT step: the draft logits' chain (bf16 logits, their float32 copy, log-softmax, the
+    step's teacher slice and its exp: Vd x 18 B) and the decoder layer's saved tensors in bf16; once per
+    token the float32 features (4H) and the teacher's log-probs (Vd x 4 B), and the full-vocabulary
+    teacher logits (V x 2 B) transiently. These are estimates; torch.cuda.max_memory_allocated on the
+    real GPU confirms them.
+    """
+    from .hidden_states import GIB, LLAMA_3_1_8B, _cfg, param_count
+
+    c = _cfg(config or LLAMA_3_1_8B)
+    if optim not in OPTIMIZER_BYTES:
+        raise ValueError(f"optim {optim!r}: one of {sorted(OPTIMIZER_BYTES)}")
+    if target_load not in ("head", "full"):
+        raise ValueError("target_load is 'head' (embedding + lm_head) or 'full' (the whole target, float32)")
+    h, i, v, hd = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    P = draft_parameter_count(c, draft_vocab_size)
+    tied = bool(c.get("tie_word_embeddings"))
+    terms = {}
+    if target_load == "head":
+        n = v * h * (1 if tied else 2)
+        terms["target embedding + lm_head"] = (n * target_dtype_bytes,
+                                               f"{'1' if tied else '2'} x {v:,} x {h} x {target_dtype_bytes} B")
+    else:
+        n = param_count(c)
+        terms["whole target (float32)"] = (n * 4, f"{n:,} params x 4 B")
+    terms["head weights (float32)"] = (4 * P, f"{P:,} trainable x 4 B")
+    terms["head gradients (float32)"] = (4 * P, f"{P:,} x 4 B")
+    ob = OPTIMIZER_BYTES[optim]
+    terms[f"optimizer state ({optim})"] = (ob * P, f"{P:,} x {ob} B")
+    terms["head's frozen embedding (float32)"] = (4 * v * h, f"{v:,} x {h} x 4 B")
+    tokens = max_length * batch_size
+    per_step = draft_vocab_size * 18 + (2 * h + q + 2 * kv + q + 4 * h + 3 * i) * 2
+    once = 4 * h * 4 + draft_vocab_size * 4
+    terms["activations"] = (tokens * (ttt_steps * per_step + once),
+                            f"{tokens:,} tokens x ({ttt_steps} steps x {per_step / 1024:.0f} KiB + {once / 1024:.0f} KiB)")
+    terms["teacher logits (transient)"] = (tokens * v * 2, f"{tokens:,} x {v:,} x 2 B")
+    terms["CUDA context and allocator"] = (reserve_gib * GIB, f"{reserve_gib} GiB")
+    total = sum(b for b, _ in terms.values())
+    lines = [f"{k}: {why} = {b / GIB:.2f} GiB" for k, (b, why) in terms.items()]
+    lines.append(f"total {total / GIB:.2f} GiB of {gpu_gib} GiB: " + ("fits" if total <= gpu_gib * GIB else "does NOT fit"))
+    return {"model": c.get("name", "target"), "gpu_gib": gpu_gib, "trainable_params": P,
+            "terms_gib": {k: b / GIB for k, (b, _) in terms.items()}, "total_gib": total / GIB,
+            "fits": total <= gpu_gib * GIB, "arithmetic": lines}
 
 
 def _default_reporters() -> list[str]:
@@ -422,26 +629,38 @@ class TrainArgs:
     ttt_steps: int = field(default=0, metadata={"help": "unrolled steps (0 = the profile's)"})
     learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = the profile's)"})
     batch_size: int = field(default=0, metadata={"help": "sequences per device step (0 = the profile's)"})
+    gradient_accumulation_steps: int = field(default=0, metadata={"help": "micro-batches per optimizer step "
+                                                                          "(0 = the profile's)"})
     eval_fraction: float = field(default=0.02, metadata={"help": "held-out share of sequences"})
     init_lm_head: bool = field(default=True, metadata={"help": "start lm_head from the target's rows"})
     report_to: str = field(default="", metadata={"help": "extra loggers, e.g. wandb"})
 
 
 def _train_cli(a: TrainArgs) -> int:
+    """One process, or one rank of `torchrun --nproc_per_node W -m eaglebook.cli train ...`
+    (the Trainer syncs gradients across ranks; rank 0 saves the head)."""
+    from transformers import set_seed
+
     from . import export, vocab
+    from .device import pick_device
     from .draft import build_draft, build_eagle1_draft
     from .cli import UserError
-    from .hidden_states import FeatureDataset, read_index
-    from .target import end_of_turn_ids, load_target
+    from .hidden_states import FeatureDataset, dist_env, read_index
+    from .target import end_of_turn_ids, load_target_head
 
     if not a.features:
         raise UserError("--features is required (a folder written by `eaglebook capture`)")
     read_index(a.features)  # a missing or unfinished feature folder fails here, before the model loads
-    model, tok = load_target(a.target, dtype="float32")
+    rank, world, local = dist_env()
+    device = f"cuda:{local}" if torch.cuda.is_available() else None
+    # Only what training reads: config, embedding, lm_head, provenance (no decoder layers).
+    model, tok = load_target_head(a.target, dtype="float32" if pick_device(device).type == "cpu" else "auto",
+                                  device=device, verbose=rank == 0)
     feats = FeatureDataset(a.features, expect=(model, tok))
     n = len(feats)
     held = [i for i in range(n) if i < max(1, int(n * a.eval_fraction))]
     trn = [i for i in range(len(held), n)]
+    set_seed(0)  # the same initial head on every rank and in every run
     if a.head == "eagle1":
         draft = build_eagle1_draft(model, dtype=torch.float32)
     else:
@@ -454,18 +673,43 @@ def _train_cli(a: TrainArgs) -> int:
                 counts += torch.bincount(it["input_ids"][it["loss_mask"].bool()], minlength=counts.numel())
             d2t, t2d = vocab.build_vocab_map(counts, a.draft_vocab_size,
                                              always_keep=end_of_turn_ids(tok, model.generation_config))
-        draft = build_draft(model, d2t, t2d, init_lm_head=a.init_lm_head, dtype=torch.float32)
+        # the head reads exactly the layers the features were captured at (pinned in its exports)
+        draft = build_draft(model, d2t, t2d, aux_layers=tuple(feats.aux_layers["hf"]), init_lm_head=a.init_lm_head,
+                            dtype=torch.float32)
     over = {k: v for k, v in dict(ttt_steps=a.ttt_steps, learning_rate=a.learning_rate,
-                                   per_device_train_batch_size=a.batch_size).items() if v}
+                                   per_device_train_batch_size=a.batch_size,
+                                   gradient_accumulation_steps=a.gradient_accumulation_steps).items() if v}
     if a.report_to:
         over["report_to"] = _default_reporters() + a.report_to.split(",")
-    trainer = train_draft(draft, model.lm_head.weight, torch.utils.data.Subset(feats, trn),
+    trainer = train_draft(draft, model.get_output_embeddings().weight, torch.utils.data.Subset(feats, trn),
                           torch.utils.data.Subset(feats, held), output_dir=a.output_dir, profile=a.profile,
                           max_steps=a.max_steps, eval_strategy="steps", eval_steps=max(1, a.max_steps // 10), **over)
-    print({k: round(v, 4) for k, v in trainer.evaluate().items() if k.startswith(("eval_acc", "eval_tau"))})
-    path = export.save_draft(draft, Path(a.output_dir) / "draft", export.head_provenance(model, tok, vocab_source=a.vocab_map or a.features))
-    print(f"head saved to {path}")
+    metrics = trainer.evaluate()
+    print(f"rank {rank}/{world}: head weights sha256 {weights_digest(draft)}", flush=True)
+    digest = check_ranks_agree(draft)
+    if rank == 0:
+        print({k: round(v, 4) for k, v in metrics.items() if k.startswith(("eval_acc", "eval_tau"))})
+        if world > 1:
+            print(f"the head is identical on all {world} ranks (sha256 {digest})")
+        path = export.save_draft(draft, Path(a.output_dir) / "draft",
+                                 export.head_provenance(model, tok, vocab_source=a.vocab_map or a.features))
+        print(f"head saved to {path}")
     return 0
+
+
+def check_ranks_agree(draft: nn.Module) -> str:
+    """The head's `weights_digest`, checked equal on every rank (DDP keeps them bitwise equal);
+    raises naming the ranks that differ, instead of saving a head only rank 0 trained."""
+    import torch.distributed as dist
+
+    digest = weights_digest(draft)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, digest)
+        if len(set(every)) != 1:
+            raise RuntimeError(f"the ranks hold different heads after training (sha256 per rank: {every}): "
+                               "gradients were not synchronized")
+    return digest
 
 
 def _register() -> None:

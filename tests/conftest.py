@@ -40,3 +40,23 @@ def tiny_llama():
     model = LlamaForCausalLM(tiny_llama_config())
     model.config._attn_implementation = "sdpa"
     return model.eval().requires_grad_(False)
+
+
+def smollm2_feature_store(smollm2, out_dir, aux_layers=None, n: int = 8, max_length: int = 96):
+    """A small real feature store: the first `n` ShareGPT conversations (assistant tokens kept within
+    `max_length`) captured from SmolLM2 by the package's own capture, float32 storage."""
+    from eaglebook import data, hidden_states as hs
+
+    model, tok = smollm2
+    convs, _ = data.load_sharegpt(limit=4 * n)
+    ds, _ = data.tokenize_dataset(convs, tok, max_length=max_length, progress=False)
+    ds = ds.select(range(min(n, len(ds))))
+    hs.write_features(model, tok, ds, out_dir, aux_layers=aux_layers, storage="float32", progress=False,
+                      target_name="smollm2-135m")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def smol_store(smollm2, tmp_path_factory):
+    """8 ShareGPT conversations of SmolLM2 features at the default aux layers."""
+    return smollm2_feature_store(smollm2, tmp_path_factory.mktemp("smol-store") / "features")

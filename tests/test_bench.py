@@ -65,7 +65,7 @@ def test_sglang_command_lines_differ_only_in_speculative_flags():
     eagle = bench.sglang_command(cfg, "eagle", DraftSetting(3, 4, 16))
     assert base == ["python3", "-m", "sglang.launch_server", "--model-path", "meta-llama/Llama-3.1-8B-Instruct",
                     "--host", "127.0.0.1", "--port", "30123", "--tp-size", "1", "--dtype", "bfloat16",
-                    "--context-length", "4096", "--mem-fraction-static", "0.7", "--cuda-graph-max-bs", "8",
+                    "--context-length", "4096", "--mem-fraction-static", "0.7", "--cuda-graph-max-bs-decode", "8",
                     "--disable-overlap-schedule"]
     assert eagle[:len(base)] == base
     assert eagle[len(base):] == ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path",

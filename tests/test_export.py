@@ -161,12 +161,17 @@ def test_pinned_layers_are_written_in_both_conventions(tiny_llama, tmp_path):
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 4, 7]  # vLLM (HF) convention, top level
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 3, 6]  # SGLang convention
     assert ex.load_draft(tmp_path / "p", tiny_llama).config.aux_layers == [1, 4, 7]
-    # HF index N (the final, normed state) has no SGLang id: only the vLLM-side export takes it
-    last = build_draft(tiny_llama, aux_layers=(2, 4, 8))
+    # HF index 0 (the embedding output) has no SGLang id: only the vLLM-side export takes it
+    first = build_draft(tiny_llama, aux_layers=(0, 4, 7))
     with pytest.raises(DraftError, match="SGLang cannot capture"):
-        ex.export_eagle3(last, tmp_path / "q", tiny_llama, ex.head_provenance(tiny_llama))
-    ex.export_speculators(last, tmp_path / "r", tiny_llama, ex.head_provenance(tiny_llama), verifier_name_or_path="v")
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["eagle_aux_hidden_state_layer_ids"] == [2, 4, 8]
+        ex.export_eagle3(first, tmp_path / "q", tiny_llama, ex.head_provenance(tiny_llama))
+    ex.export_speculators(first, tmp_path / "r", tiny_llama, ex.head_provenance(tiny_llama), verifier_name_or_path="v")
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["eagle_aux_hidden_state_layer_ids"] == [0, 4, 7]
+    # HF index N (after the final norm) is what no engine captures: both exports refuse it
+    last = build_draft(tiny_llama, aux_layers=(2, 4, 8))
+    for export in (ex.export_eagle3, lambda *a: ex.export_speculators(*a, verifier_name_or_path="v")):
+        with pytest.raises(DraftError, match="after the final norm.*pre-norm"):
+            export(last, tmp_path / "s", tiny_llama, ex.head_provenance(tiny_llama))
 
 
 def test_vllm_accepts_every_key(tiny_llama, eagle3, tmp_path):

@@ -72,8 +72,18 @@ def test_custom_aux_layers_warn_and_are_recorded_in_both_conventions():
     assert hs.aux_layers_record(30, hf) == {"hf": [4, 8, 12], "sglang": [3, 7, 11], "default": False}
     assert hs.aux_layers_record(30, (2, 15, 27)) == {"hf": [2, 15, 27], "sglang": [1, 14, 26], "default": True}
     with pytest.warns(UserWarning):
-        assert hs.resolve_aux_layers(8, [0, 4, 8]) == (0, 4, 8)
-    assert hs.aux_layers_record(8, (0, 4, 8))["sglang"] is None
+        assert hs.resolve_aux_layers(8, [0, 4, 7]) == (0, 4, 7)
+    assert hs.aux_layers_record(8, (0, 4, 7))["sglang"] is None  # the embedding output has no SGLang id
+
+
+def test_final_normed_state_is_refused_as_an_aux_layer(tiny_llama):
+    # hidden_states[N] is after the final norm; engines capture pre-norm residual states only
+    with pytest.raises(ValueError, match="after the final norm.*pre-norm"):
+        hs.resolve_aux_layers(8, [2, 4, 8], warn=False)
+    with pytest.raises(ValueError, match="after the final norm"):
+        hs.capture_batch(tiny_llama, torch.randint(3, 100, (1, 5)), aux_layers=(2, 4, 8))
+    with pytest.raises(ValueError, match="out of range"):
+        hs.resolve_aux_layers(8, [1, 3, 7], convention="sglang", warn=False)  # no SGLang id names it either
 
 
 # ---------------------------------------------------------------- capture == oracle
@@ -108,12 +118,12 @@ def test_capture_on_smollm2_matches_oracle(smollm2):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_capture_custom_layers_including_embedding_and_final(tiny_llama):
+def test_capture_custom_layers_including_embedding_and_last_input(tiny_llama):
     ids = torch.randint(3, 49152, (1, 9))
     with pytest.warns(UserWarning):
-        feats = hs.capture_batch(tiny_llama, ids, aux_layers=(0, 5, 8))
+        feats = hs.capture_batch(tiny_llama, ids, aux_layers=(0, 5, 7))
     oracle = hs.oracle_hidden_states(tiny_llama, ids)
-    torch.testing.assert_close(feats["aux_hidden"], torch.cat([oracle[0], oracle[5], oracle[8]], -1), rtol=0, atol=0)
+    torch.testing.assert_close(feats["aux_hidden"], torch.cat([oracle[0], oracle[5], oracle[7]], -1), rtol=0, atol=0)
 
 
 def test_batched_capture_with_padding_equals_per_sequence(tiny_llama, smollm2_tokenizer, tmp_path):
