@@ -39,6 +39,16 @@ class BenchArgs:
     sweep: str = field(default="", metadata={"help": "draft settings to sweep, 'steps,topk,tokens' separated by spaces"})
     concurrency: str = field(default="1", metadata={"help": "concurrency levels, e.g. '1,2,4,8' (crossover sweep)"})
     warmup: int = field(default=2, metadata={"help": "warm-up prompts per lane (not recorded)"})
+    peers: bool = field(default=True, metadata={"help": "in-process: also run transformers' generate() and its "
+                                                        "prompt lookup in the same interleaved run (--no_peers: off)"})
+    prompt_lookup: str = field(default="3 10", metadata={"help": "peers: prompt_lookup_num_tokens values, space-separated"})
+    ngram: int = field(default=0, metadata={"help": "in-process: also the merged drafter, this many prompt-lookup "
+                                                    "tokens inside each EAGLE tree (0 = off)"})
+    temperature: float = field(default=0.0, metadata={"help": "in-process: sampling temperature (0 = greedy)"})
+    top_p: float = field(default=1.0, metadata={"help": "in-process: nucleus sampling mass"})
+    temperatures: str = field(default="", metadata={"help": "in-process: a temperature sweep, e.g. '0 0.7 1.0' "
+                                                            "(overrides --temperature)"})
+    seed: int = field(default=0, metadata={"help": "sampling: request i of a lane uses seed+i"})
     stream: bool = field(default=False, metadata={"help": "SGLang: stream to measure TTFT"})
     ignore_eos: bool = field(default=False, metadata={"help": "servers: always generate max_new_tokens"})
     json: str = field(default="", metadata={"help": "results JSON (a CSV of the requests is written beside it)"})
@@ -69,6 +79,27 @@ def parse_settings(args: BenchArgs) -> list[DraftSetting]:
             raise BenchError(f"--sweep item {item!r}: write steps,topk,num_draft_tokens, e.g. '3,1,4 5,4,8'") from None
         out.append(DraftSetting(s, k, n))
     return out
+
+
+def parse_temperatures(args: BenchArgs) -> list[float]:
+    text = args.temperatures.strip() or str(args.temperature)
+    try:
+        temps = [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise BenchError(f"--temperatures {text!r}: write numbers like '0 0.7 1.0'") from None
+    if any(t < 0 for t in temps) or not 0 < args.top_p <= 1:
+        raise BenchError(f"temperatures {temps} must be >= 0 and --top_p {args.top_p} in (0, 1]")
+    return temps
+
+
+def parse_prompt_lookup(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise BenchError(f"--prompt_lookup {text!r}: write token counts like '3 10'") from None
+    if any(v < 1 for v in vals):
+        raise BenchError(f"--prompt_lookup {text!r}: token counts must be >= 1")
+    return vals
 
 
 def parse_levels(text: str) -> list[int]:
@@ -119,10 +150,13 @@ def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = Tru
     backend = pick_backend(args.backend, args.draft)
     settings = parse_settings(args)
     levels = parse_levels(args.concurrency)
+    temps = parse_temperatures(args)
+    if backend != "inprocess" and (temps != [0.0] or args.ngram):
+        raise BenchError("sampling (--temperature, --temperatures) and --ngram run on the in-process backend only")
     prompts = load_suite(args.suite, args.limit or None, args.prompts or None, args.run_dir or None)
     config = {**asdict(args), "backend": backend, "settings": [asdict(s) for s in settings],
               "main_config": settings[0].label if backend != "openai" else "server",
-              "concurrency_levels": levels, "prompts": len(prompts)}
+              "concurrency_levels": levels, "temperatures": temps, "prompts": len(prompts)}
     rec = Recorder(config, args.json or None)
     log_dir = args.log_dir or (str(Path(args.json).parent / "server-logs") if args.json else "runs/bench-logs")
 
@@ -172,25 +206,30 @@ async def _bench_inprocess(args, settings, levels, prompts, rec, target, draft, 
     model, tok = target
     if draft is None:
         draft = resolve_draft(args.draft, model, tok)
-    lanes = make_inprocess_lanes(model, tok, draft, settings)
     rec.server_info["target"] = target_info(model, tok)
-    for lane in lanes:
-        rec.server_info[f"{lane.mode} {lane.config}".strip()] = await lane.client.server_info()
-    if max(levels) > 1:
-        import threading
-
-        lock = threading.Lock()
-        lanes_c = [Lane(ln.mode, _Threaded(ln.client, lock), ln.config) for ln in lanes]
-        await warm_up(lanes, prompts, tok, args.warmup)
-        if 1 in levels:
+    pl = parse_prompt_lookup(args.prompt_lookup)
+    for n, temp in enumerate(parse_temperatures(args)):
+        lanes = make_inprocess_lanes(model, tok, draft, settings, peers=args.peers, prompt_lookup=pl,
+                                     ngram=args.ngram, temperature=temp, top_p=args.top_p, seed=args.seed)
+        if n == 0:
+            for lane in lanes:
+                rec.server_info[f"{lane.mode} {lane.config}".strip()] = await lane.client.server_info()
+            await warm_up(lanes, prompts, tok, args.warmup)
+        if 1 in levels or n > 0:
             await run_interleaved(lanes, prompts, tok, rec, args.max_new_tokens, args.turns, progress)
-        for c in [c for c in levels if c > 1]:
-            answers = None
-            for lane in lanes_c:
-                own = await run_phase(lane, prompts, tok, rec, args.max_new_tokens, args.turns, c, answers, progress)
-                answers = answers if answers is not None else own
-    else:
-        await _drive(lanes, levels, prompts, tok, rec, args, progress)
+        if n == 0 and max(levels) > 1:
+            # concurrency phases: the engine's lanes only (a batch-1 engine queues the requests)
+            import threading
+
+            lock = threading.Lock()
+            lanes_c = [Lane(ln.mode, _Threaded(ln.client, lock), ln.config, ln.temperature) for ln in lanes
+                       if ln.mode in ("baseline", "eagle")]
+            for c in [c for c in levels if c > 1]:
+                answers = None
+                for lane in lanes_c:
+                    own = await run_phase(lane, prompts, tok, rec, args.max_new_tokens, args.turns, c, answers,
+                                          progress)
+                    answers = answers if answers is not None else own
 
 
 def _sglang_config(args: BenchArgs) -> SGLangConfig:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 
 MODES = ("baseline", "eagle")
+# In-process peers: what a CPU user would otherwise pick, measured in the same run.
+PEER_MODES = ("generate", "prompt_lookup")
 
 
 class BenchError(RuntimeError):
@@ -64,6 +66,11 @@ class Generation:
     config: str = ""  # which draft setting produced it (sweeps)
     text: str = ""
     output_ids: list[int] | None = None
+    temperature: float = 0.0  # 0 = greedy
+    identical: bool | None = None  # greedy: output equal to the same prompt's baseline, token for token
+    first_divergence: int | None = None  # where it first differs
+    margin: float | None = None  # the baseline's top-2 logit margin there (a tie when tiny)
+    margins: list[float] | None = None  # baseline, greedy: the top-2 margin at every position
 
     @property
     def tok_s(self) -> float:
@@ -85,6 +92,7 @@ class Generation:
     def row(self) -> dict:
         d = asdict(self)
         d.pop("output_ids")
+        d.pop("margins")
         d.update(tok_s=_r(self.tok_s), tpot_ms=_r(self.tpot_s * 1e3 if self.tpot_s is not None else None),
                  ttft_ms=_r(self.ttft_s * 1e3 if self.ttft_s is not None else None),
                  accept_length=_r(self.accept_length))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .core import BenchError, Generation, ServerError, _wall_key, hardware_info, save_results
 from .suites import Prompt, render_ids
-from .tables import concurrency_table, summarize, sweep_table
+from .tables import concurrency_table, head_to_head, lanes_table, summarize, sweep_table, temperature_table
 
 
 # --------------------------------------------------------------------------------------
@@ -26,6 +26,7 @@ class Lane:
     mode: str
     client: object
     config: str = ""
+    temperature: float = 0.0
 
 
 class Recorder:
@@ -59,6 +60,9 @@ class Recorder:
             "summary": summarize(self.gens, config=main, walls=self.walls),
             "settings": sweep_table(self.gens) if len(eagle_cfgs) > 1 else [],
             "concurrency": concurrency_table(self.gens, self.walls),
+            "lanes": lanes_table(self.gens),
+            "head_to_head": head_to_head(self.gens),
+            "temperatures": temperature_table(self.gens) if len({g.temperature for g in self.gens}) > 1 else [],
             "requests": [g.row() for g in self.gens],
         }
 
@@ -103,7 +107,25 @@ async def _one(lane: Lane, p: Prompt, turn: int, ids: list[int], max_new_tokens:
                       completion_tokens=int(out["completion_tokens"]), latency_s=float(out["latency_s"]),
                       ttft_s=out.get("ttft_s"), verify_ct=out.get("verify_ct"), finish_reason=out.get("finish_reason"),
                       concurrency=concurrency, config=lane.config, text=out.get("text", ""),
-                      output_ids=out.get("output_ids"))
+                      output_ids=out.get("output_ids"), temperature=lane.temperature, margins=out.get("margins"))
+
+
+def mark_identity(ref: Generation, gens: list[Generation], tol: float = 1e-4) -> None:
+    """Greedy only: is each output the reference's (the baseline's), token for token? Where not,
+    record the first divergence and the baseline's top-2 margin there (a tie below `tol` is
+    float rounding, not a bug; see `decode.check_lossless`)."""
+    from types import SimpleNamespace
+
+    from ..decode import check_lossless
+
+    if ref.temperature or ref.output_ids is None:
+        return
+    base = SimpleNamespace(token_ids=ref.output_ids, margins=ref.margins or [])
+    for g in gens:
+        if g is ref or g.output_ids is None:
+            continue
+        v = check_lossless(base, g.output_ids, tol)
+        g.identical, g.first_divergence, g.margin = v["identical"], v["first_divergence"], v["margin"]
 
 
 def _explain(lane: Lane, exc: BaseException, where: str) -> BenchError:
@@ -149,13 +171,17 @@ async def run_interleaved(lanes: list[Lane], prompts: list[Prompt], tokenizer, r
         for t in range(_turns_of(p, turns)):
             ids = _build_ids(tokenizer, p, t, answers)
             order = lanes if i % 2 == 0 else lanes[::-1]
+            done = {}
             for lane in order:
                 g = await _one(lane, p, t, ids, max_new_tokens, 1,
                                f"prompt {p.id} turn {t + 1} ({i + 1}/{len(prompts)})")
-                rec.add(g)
+                done[id(lane)] = g
                 rec.walls[_wall_key(lane.mode, lane.config, 1)] += g.latency_s
                 if lane is ref:
                     answers[p.id].append(g)
+            mark_identity(done[id(ref)], list(done.values()))
+            for lane in lanes:  # recorded in lane order, once every lane has answered
+                rec.add(done[id(lane)])
 
 
 async def run_phase(lane: Lane, prompts: list[Prompt], tokenizer, rec: Recorder, max_new_tokens: int,
