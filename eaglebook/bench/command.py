@@ -43,7 +43,7 @@ class BenchArgs:
                                                         "prompt lookup in the same interleaved run (--no_peers: off)"})
     prompt_lookup: str = field(default="3 10", metadata={"help": "peers: prompt_lookup_num_tokens values, space-separated"})
     ngram: int = field(default=0, metadata={"help": "in-process: also the merged drafter, this many prompt-lookup "
-                                                    "tokens inside each EAGLE tree (0 = off)"})
+                                                    "tokens inside the first setting's EAGLE tree (0 = off)"})
     temperature: float = field(default=0.0, metadata={"help": "in-process: sampling temperature (0 = greedy)"})
     top_p: float = field(default=1.0, metadata={"help": "in-process: nucleus sampling mass"})
     temperatures: str = field(default="", metadata={"help": "in-process: a temperature sweep, e.g. '0 0.7 1.0' "

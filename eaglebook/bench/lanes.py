@@ -24,8 +24,8 @@ def make_inprocess_lanes(target, tokenizer, draft, settings: list[DraftSetting],
     """The lanes of one in-process run, all on the same target, dtype and threads:
 
     - "baseline": eaglebook's plain one-token-per-forward decoding (the one baseline);
-    - "eagle": one lane per draft setting; with `ngram` > 0 also the merged drafter per
-      setting (prompt-lookup candidates inside the EAGLE tree, same num_draft_tokens);
+    - "eagle": one lane per draft setting; with `ngram` > 0 also the merged drafter on the
+      first setting (prompt-lookup candidates inside the EAGLE tree, same num_draft_tokens);
     - with `peers`: "generate", transformers' own `generate()`, and "prompt_lookup", its
       prompt-lookup decoding, one lane per `prompt_lookup_num_tokens` value.
 
@@ -56,8 +56,9 @@ def make_inprocess_lanes(target, tokenizer, draft, settings: list[DraftSetting],
     lanes = [Lane("baseline", InProcessClient("in-process baseline", base_fn, {**common, "mode": "baseline"}),
                   temperature=temperature)]
     specs = [decode.SpecConfig(s.num_steps, s.topk, s.num_draft_tokens) for s in settings]
-    if ngram:
-        specs += [decode.SpecConfig(s.num_steps, s.topk, s.num_draft_tokens, ngram_tokens=ngram) for s in settings]
+    if ngram and settings:  # the merged drafter, on the main (first) setting
+        s = settings[0]
+        specs.append(decode.SpecConfig(s.num_steps, s.topk, s.num_draft_tokens, ngram_tokens=ngram))
     for spec in specs:
         dec = decode.EagleDecoder(target, draft, spec, eos_ids=eos, tokenizer=tokenizer)
 

@@ -149,6 +149,8 @@ def lanes_table(gens: list[Generation], temperature: float | None = None) -> lis
                      "accept_length": m["accept_length"], "hit_max_new_tokens": m["hit_max_new_tokens"],
                      "identical": sum(bool(g.identical) for g in checked) if checked else None,
                      "checked": len(checked) if checked else None,
+                     "lossless_ok": sum(bool(g.identical) or (g.margin is not None and g.margin < 1e-4)
+                                        for g in checked) if checked else None,
                      "divergence_margin_median": _r(statistics.median(div)) if div else None,
                      "divergence_margin_min": _r(min(div), 6) if div else None,
                      "per_category": cats})
