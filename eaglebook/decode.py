@@ -49,8 +49,12 @@ class SpecConfig:
     num_steps: int = 4  # draft depth: tokens on the longest drafted path
     topk: int = 4  # children per expanded node, and nodes expanded per depth
     num_draft_tokens: int = 16  # nodes verified by the target, the root included
+    ngram_tokens: int = 0  # merged drafter: prompt-lookup tokens added to every tree (0 = EAGLE alone)
+    ngram_max: int = 3  # longest context suffix the prompt lookup matches
 
     def __post_init__(self):
+        if self.ngram_tokens < 0 or self.ngram_max < 1:
+            raise DecodeError(f"ngram_tokens ({self.ngram_tokens}) must be >= 0 and ngram_max ({self.ngram_max}) >= 1")
         if self.num_steps < 1 or self.topk < 1:
             raise DecodeError(f"num_steps ({self.num_steps}) and topk ({self.topk}) must be >= 1")
         if self.topk == 1:
@@ -71,6 +75,11 @@ class SpecConfig:
     @classmethod
     def chain(cls, num_steps: int) -> "SpecConfig":
         return cls(num_steps=num_steps, topk=1, num_draft_tokens=num_steps + 1)
+
+    @property
+    def label(self) -> str:
+        base = f"s{self.num_steps}-k{self.topk}-n{self.num_draft_tokens}"
+        return base + (f"+ng{self.ngram_tokens}" if self.ngram_tokens else "")
 
 
 @dataclass
@@ -235,7 +244,8 @@ def cache_length(cache: DynamicCache) -> int:
 @dataclass
 class DraftTree:
     """One step's verified tree. Node 0 is the root (the last committed token, not yet in the
-    target's cache); nodes are ordered by depth, parents before children."""
+    target's cache); nodes are ordered by depth, parents before children (the merged drafter
+    appends its prompt-lookup nodes last, still after their parents)."""
 
     tokens: list[int]  # target ids
     parents: list[int]  # -1 for the root
@@ -243,6 +253,7 @@ class DraftTree:
     scores: list[float]  # cumulative draft log-probability (root 0)
     mask: torch.Tensor  # [N, N] bool ancestor-or-self
     prefix_len: int  # tokens in the target cache before this tree (root's position)
+    ngram: list[bool] | None = None  # merged drafter: True for nodes only the prompt lookup proposed
 
     @property
     def size(self) -> int:
@@ -259,6 +270,7 @@ class StepRecord:
     tree_size: int
     tree: DraftTree | None = None  # kept when generate(keep_trees=True)
     target_argmax: list[int] | None = None  # greedy: the target's choice at every node
+    ngram_accepted: int = 0  # merged drafter: accepted nodes that only the prompt lookup proposed
 
     @property
     def accept_length(self) -> int:
@@ -506,6 +518,9 @@ class EagleDecoder:
         stop = stop or StopChecker(self.eos_ids, 1 << 30)
         t0 = time.perf_counter()
         tree = self.build_tree(state)
+        if self.spec.ngram_tokens:  # the merged drafter: the context's own continuation joins the tree
+            cont = ngram_continuation(state.tokens, self.spec.ngram_tokens, self.spec.ngram_max)
+            tree = merge_chain(tree, cont, self.spec.num_draft_tokens)
         t1 = time.perf_counter()
         n, dev = tree.prefix_len, self.device
         ids = torch.tensor([tree.tokens], device=dev)
@@ -534,7 +549,8 @@ class EagleDecoder:
         other_ms = (time.perf_counter() - t2) * 1e3 - extend_ms
         return StepRecord(accepted_nodes=path, new_tokens=new, draft_ms=(t1 - t0) * 1e3 + extend_ms,
                           verify_ms=(t2 - t1) * 1e3, other_ms=other_ms, tree_size=tree.size,
-                          tree=tree if keep_tree else None, target_argmax=argmax if keep_tree else None)
+                          tree=tree if keep_tree else None, target_argmax=argmax if keep_tree else None,
+                          ngram_accepted=sum(tree.ngram[i] for i in path[1:]) if tree.ngram else 0)
 
     def _accept(self, tree: DraftTree, logits, argmax, sampling, generator) -> tuple[list[int], int]:
         children: dict[int, list[int]] = {}
@@ -576,6 +592,81 @@ class EagleDecoder:
         if self.tokenizer is not None:
             res.text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
         return res
+
+
+# --------------------------------------------------------------------------------------
+# The merged drafter: prompt-lookup (n-gram) candidates inside the EAGLE tree
+# --------------------------------------------------------------------------------------
+
+def ngram_continuation(tokens: list[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
+    """Prompt lookup: find the context's last n tokens earlier in the context (n = `max_ngram`
+    down to 1, the earliest occurrence first) and return up to `max_tokens` tokens that
+    followed it; [] when no suffix repeats. No model, no training: a small model that repeats
+    its prompt and itself is drafted well by its own history."""
+    L = len(tokens)
+    t = torch.tensor(tokens)
+    for n in range(min(max_ngram, L - 1), 0, -1):
+        windows = t.unfold(0, n, 1)[: L - n]  # every earlier window; the suffix itself excluded
+        hits = (windows == t[L - n:]).all(dim=1).nonzero()
+        if hits.numel():
+            start = int(hits[0]) + n
+            return tokens[start:start + max_tokens]
+    return []
+
+
+def merge_chain(tree: DraftTree, chain: list[int], budget: int) -> DraftTree:
+    """The tree with `chain` (tokens to follow the root) merged in, at most `budget` nodes.
+
+    Walk the chain down from the root while the tree already has each token as a child
+    (shared nodes cost nothing); the rest hangs below the last shared node as new nodes.
+    To stay within the budget, the tree's lowest-scored leaves off that path are dropped
+    first (the draft's own least likely guesses); if none are left, the chain is cut.
+    Siblings stay distinct tokens, which the sampling rule needs; parents stay before
+    children. Verification then keeps whichever branch the target accepts.
+    """
+    kids: dict[int, dict[int, int]] = {}
+    for i in range(1, tree.size):
+        kids.setdefault(tree.parents[i], {})[tree.tokens[i]] = i
+    path, cur = [0], 0
+    for tok in chain:
+        if tok not in kids.get(cur, {}):
+            break
+        cur = kids[cur][tok]
+        path.append(cur)
+    new = chain[len(path) - 1:]
+    if not new:
+        return tree
+    keep = set(range(tree.size))
+    n_kids = [0] * tree.size
+    for i in range(1, tree.size):
+        n_kids[tree.parents[i]] += 1
+    protected = set(path)
+    for _ in range(max(0, tree.size + len(new) - budget)):
+        leaves = [i for i in keep if n_kids[i] == 0 and i not in protected]
+        if not leaves:
+            new = new[:max(0, budget - len(keep))]
+            break
+        drop = min(leaves, key=lambda i: (tree.scores[i], -i))  # the lowest score; ties: the later node
+        keep.remove(drop)
+        n_kids[tree.parents[drop]] -= 1
+    if not new:
+        return tree
+    old = sorted(keep)
+    index = {o: j for j, o in enumerate(old)}
+    tokens = [tree.tokens[o] for o in old] + new
+    parents = [-1] + [index[tree.parents[o]] for o in old[1:]]
+    parents += [index[cur]] + list(range(len(old), len(old) + len(new) - 1))
+    depths = [tree.depths[o] for o in old] + [tree.depths[cur] + 1 + d for d in range(len(new))]
+    base = tree.scores[cur]
+    scores = [tree.scores[o] for o in old] + [base] * len(new)  # no draft score: the parent's
+    ngram = [bool(tree.ngram and tree.ngram[o]) for o in old] + [True] * len(new)
+    m = torch.zeros(len(tokens), len(tokens), dtype=torch.bool, device=tree.mask.device)
+    for i, p in enumerate(parents):  # parents come first: copy the parent's row, add self
+        if p >= 0:
+            m[i] = m[p]
+        m[i, i] = True
+    return DraftTree(tokens=tokens, parents=parents, depths=depths, scores=scores, mask=m,
+                     prefix_len=tree.prefix_len, ngram=ngram)
 
 
 def accept_among_children(p: torch.Tensor, child_tokens: list[int], generator=None) -> tuple[int | None, int]:

@@ -27,7 +27,12 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .bench import DraftSetting
+from types import SimpleNamespace
+
+from .bench import DraftSetting, Generation
+from .bench.command import parse_prompt_lookup as bench_lanes_pl
+from .bench.lanes import transformers_generate_fn
+from .bench.tables import _speedup, summarize_mode
 
 
 def looped(ids: list[int], n: int = 10, times: int = 3) -> bool:
@@ -68,6 +73,11 @@ class HeadlineArgs:
     settings: str = field(default="5,1,6 6,4,24", metadata={"help": "draft settings 'steps,topk,tokens', space-separated"})
     threads: int = field(default=2, metadata={"help": "torch threads, fixed for the whole run"})
     warmup: int = field(default=2, metadata={"help": "warm-up prompts per lane (not recorded)"})
+    peers: bool = field(default=True, metadata={"help": "also transformers' generate() and its prompt lookup, "
+                                                        "in the same interleaved run (--no_peers: off)"})
+    prompt_lookup: str = field(default="3 10", metadata={"help": "peers: prompt_lookup_num_tokens values"})
+    ngram: int = field(default=0, metadata={"help": "also the merged drafter per setting: this many prompt-lookup "
+                                                    "tokens inside the EAGLE tree (0 = off)"})
 
 
 def _lanes(args: HeadlineArgs):
@@ -99,6 +109,24 @@ def _lanes(args: HeadlineArgs):
                            "verify_steps": r.num_verify_steps, "prefill_ms": r.prefill_ms, **r.timing()}
 
             lanes.append((dt, s.label, eagle))
+            if args.ngram:
+                merged = decode.EagleDecoder(model, head, decode.SpecConfig(s.num_steps, s.topk, s.num_draft_tokens,
+                                                                            ngram_tokens=args.ngram), eos_ids=eos)
+                lanes.append((dt, f"{s.label}+ng{args.ngram}", lambda ids, n, dec=merged: eagle(ids, n, dec)))
+        if args.peers:
+            for k in [None, *bench_lanes_pl(args.prompt_lookup)]:
+                fn = transformers_generate_fn(model, tok, eos, k, 0.0, 1.0, lambda: {"seed": 0})
+
+                def peer(ids, n, fn=fn):
+                    out = fn(ids, n)
+                    r = SimpleNamespace(token_ids=out["output_ids"])
+                    row = {"tokens": out["completion_tokens"], "seconds": out["latency_s"],
+                           "stop": "max_new_tokens" if out["finish_reason"] == "length" else "eos"}
+                    if out["verify_ct"]:
+                        row["verify_steps"] = out["verify_ct"]
+                    return r, row
+
+                lanes.append((dt, "transformers generate()" if k is None else f"prompt lookup {k}", peer))
     return lanes, tok, info
 
 
@@ -160,22 +188,26 @@ def _baseline_from_log(rows: list[dict], prompt_id: str, dtype: str):
     return None
 
 
-def _rate(rows):
-    s = sum(r["seconds"] for r in rows)
-    return sum(r["tokens"] for r in rows) / s if s > 0 else float("nan")
+def as_generation(row: dict) -> Generation:
+    """A headline row as bench's one-request record, so both commands share one set of statistics."""
+    return Generation(prompt_id=row["prompt_id"], category=row["category"], turn=0,
+                      mode="baseline" if row["lane"] == "baseline" else "eagle", prompt_tokens=row.get("prompt_tokens", 0),
+                      completion_tokens=row["tokens"], latency_s=row["seconds"], verify_ct=row.get("verify_steps"),
+                      finish_reason="length" if row["stop"] == "max_new_tokens" else "stop", config=row["lane"])
 
 
 def _row_stats(base: list[dict], eagle: list[dict]) -> dict:
-    """Speedup and accept length of `eagle` against `base` over the prompts both have."""
+    """Speedup and accept length of a lane against `base` over the prompts both have (bench's
+    `summarize_mode` and `_speedup` on the same records)."""
     ids = {r["prompt_id"] for r in base} & {r["prompt_id"] for r in eagle}
-    b = [r for r in base if r["prompt_id"] in ids]
-    e = [r for r in eagle if r["prompt_id"] in ids]
+    b = [as_generation(r) for r in base if r["prompt_id"] in ids]
+    e = [as_generation(r) for r in eagle if r["prompt_id"] in ids]
     if not e:
         return {"prompts": 0}
-    steps = sum(r["verify_steps"] for r in e)
-    tb, te = _rate(b), _rate(e)
-    return {"prompts": len(e), "baseline_tok_s": round(tb, 2), "eagle_tok_s": round(te, 2),
-            "speedup": round(te / tb, 3), "accept_length": round(sum(r["tokens"] for r in e) / max(1, steps), 3)}
+    sb, se = summarize_mode(b), summarize_mode(e)
+    acc = se["accept_length"]
+    return {"prompts": len(e), "baseline_tok_s": round(sb["tok_s"], 2), "eagle_tok_s": round(se["tok_s"], 2),
+            "speedup": round(_speedup(b, e), 3), "accept_length": round(acc, 3) if acc is not None else None}
 
 
 def summarize_headline(rows: list[dict], config: dict | None = None) -> dict:
@@ -208,6 +240,8 @@ def summarize_headline(rows: list[dict], config: dict | None = None) -> dict:
         for cat in sorted({r["category"] for r in eagle}):
             s = _row_stats([r for r in base if r["category"] == cat], [r for r in eagle if r["category"] == cat])
             cats.append({"dtype": dt, "setting": lane, "category": cat, **s})
+        if "draft_ms" not in eagle[0]:
+            continue  # a peer: no draft/verify split to model
         steps = sum(r["verify_steps"] for r in eagle)
         w = lambda k: sum(r[k] * r["verify_steps"] for r in eagle) / max(1, steps)  # noqa: E731
         t_step = 1e3 * sum(r["seconds"] for r in base) / max(1, sum(r["tokens"] for r in base))
@@ -218,7 +252,26 @@ def summarize_headline(rows: list[dict], config: dict | None = None) -> dict:
                      "predicted_speedup": round(al * t_step / (t_verify + t_draft + t_other), 3),
                      "measured_speedup": all_.get("speedup"),
                      "verify_over_step": round(t_verify / t_step, 2), "draft_over_step": round(t_draft / t_step, 2)})
-    return {"config": config or {}, "table": table, "per_category": cats, "cost_model": cost}
+    return {"config": config or {}, "table": table, "per_category": cats, "cost_model": cost,
+            "eagle_vs_prompt_lookup": eagle_vs_prompt_lookup(cats)}
+
+
+def eagle_vs_prompt_lookup(cats: list[dict]) -> list[dict]:
+    """Per dtype and category: the best EAGLE lane against the best prompt-lookup lane."""
+    out = []
+    for dt, cat in sorted({(c["dtype"], c["category"]) for c in cats}):
+        rows = [c for c in cats if c["dtype"] == dt and c["category"] == cat and c.get("speedup")]
+        eagle = [c for c in rows if c["setting"].startswith(("chain", "tree"))]
+        pld = [c for c in rows if c["setting"].startswith("prompt lookup")]
+        if not eagle or not pld:
+            continue
+        e, p = max(eagle, key=lambda c: c["speedup"]), max(pld, key=lambda c: c["speedup"])
+        out.append({"dtype": dt, "category": cat, "prompts": e["prompts"], "eagle": e["setting"],
+                    "eagle_speedup": e["speedup"], "eagle_accept_length": e["accept_length"],
+                    "prompt_lookup": p["setting"], "prompt_lookup_speedup": p["speedup"],
+                    "prompt_lookup_accept_length": p["accept_length"],
+                    "winner": "EAGLE" if e["speedup"] >= p["speedup"] else "prompt lookup"})
+    return out
 
 
 def _x(v) -> str:
@@ -242,6 +295,15 @@ def format_headline(result: dict) -> str:
     for c in result["cost_model"]:
         lines.append(f"| {c['dtype']} | {c['setting']} | {c['t_step_ms']} | {c['t_verify_ms']} | {c['t_draft_ms']} | "
                      f"{c['t_other_ms']} | {c['predicted_speedup']}x | {c['measured_speedup']}x |")
+    vs = result.get("eagle_vs_prompt_lookup") or []
+    if vs:
+        lines += ["", "EAGLE (best setting) vs prompt lookup (best size), per category:", "",
+                  "| dtype | category | prompts | EAGLE speedup (accept) | prompt lookup speedup (accept) | faster |",
+                  "|---|---|---|---|---|---|"]
+        for v in vs:
+            lines.append(f"| {v['dtype']} | {v['category']} | {v['prompts']} | {v['eagle_speedup']}x "
+                         f"({v['eagle_accept_length']}) | {v['prompt_lookup_speedup']}x "
+                         f"({v['prompt_lookup_accept_length']}) | {v['winner']} |")
     bf = [r for r in result["table"] if r["dtype"] == "bfloat16" and r.get("speedup")]
     if bf:
         best = max(bf, key=lambda r: r["speedup"])

@@ -361,6 +361,49 @@ def plot_speedup_by_category(summary: dict, title: str = "EAGLE speedup per cate
     return fig
 
 
+def plot_lanes(lanes: list[dict], title: str = "EAGLE beside its peers, same prompts, one run"):
+    """Left: speedup of every lane over the one baseline (accept length on the bar where known).
+    Right: per category, the best EAGLE lane against the best prompt-lookup lane.
+
+    `lanes` is `result["lanes"]` from `eaglebook.bench.run_benchmark` (in-process, with peers).
+    """
+    rows = [r for r in lanes if r["mode"] != "baseline" and r.get("speedup") is not None]
+    colors = {"eagle": "tab:blue", "generate": "tab:gray", "prompt_lookup": "tab:green"}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 1.3]})
+    bars = a1.barh([r["lane"] for r in rows], [r["speedup"] for r in rows],
+                   color=[colors.get(r["mode"], "tab:purple") for r in rows])
+    for b, r in zip(bars, rows):
+        if r.get("accept_length"):
+            a1.annotate(f" τ={r['accept_length']:.2f}", (b.get_width(), b.get_y() + b.get_height() / 2),
+                        va="center", fontsize=8)
+    a1.axvline(1.0, color="gray", ls="--", lw=1)
+    a1.invert_yaxis()
+    a1.set_xlabel("speedup over eaglebook's greedy baseline (x)")
+    a1.set_title(title, fontsize=10)
+
+    def best(mode):
+        cands = [r for r in rows if r["mode"] == mode]
+        return max(cands, key=lambda r: r["speedup"]) if cands else None
+
+    e, pl = best("eagle"), best("prompt_lookup")
+    if e and pl:
+        cats = [c["category"] for c in e["per_category"]]
+        pe = {c["category"]: c["speedup"] or 0 for c in e["per_category"]}
+        pp = {c["category"]: c["speedup"] or 0 for c in pl["per_category"]}
+        x = range(len(cats))
+        a2.bar([i - 0.2 for i in x], [pe[c] for c in cats], 0.4, label=e["lane"], color="tab:blue")
+        a2.bar([i + 0.2 for i in x], [pp.get(c, 0) for c in cats], 0.4, label=pl["lane"], color="tab:green")
+        a2.set_xticks(list(x), cats, rotation=30, fontsize=8)
+        a2.axhline(1.0, color="gray", ls="--", lw=1)
+        a2.set_ylabel("speedup (x)")
+        a2.set_title("per category: best EAGLE vs best prompt lookup", fontsize=10)
+        a2.legend(fontsize=8)
+    else:
+        a2.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
 def plot_throughput_vs_accept_length(settings: list[dict], baseline_tok_s: float | None = None,
                                      title: str = "Throughput vs accept length across draft settings"):
     """One point per draft setting (num_steps, topk, num_draft_tokens): EAGLE tok/s against

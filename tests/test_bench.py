@@ -342,3 +342,39 @@ def test_eaglebook_bench_command_on_the_cpu_default(tmp_path, capsys):
     assert "speedup" in printed and "accept_length" in printed and out.with_suffix(".csv").is_file()
     assert res["hardware"]["cpu_count"] and res["config"]["backend"] == "inprocess"
     print(f"eaglebook bench (1 prompt, 4 tokens) took {time.time() - t0:.0f} s")
+
+
+@needs_decode
+def test_inprocess_peers_merged_drafter_and_a_temperature_sweep(smollm2, tmp_path):
+    """transformers' generate() and prompt lookup run as lanes of the same interleaved run, the
+    merged drafter too; greedy lanes are checked token for token against the one baseline
+    (float32: identical or a float tie); a temperature sweep reports every lane per temperature."""
+    args = BenchArgs(backend="inprocess", suite="mt-bench", limit=2, max_new_tokens=8, warmup=1,
+                     sweep="3,2,5", prompt_lookup="3", ngram=3, temperatures="0 0.8", seed=1,
+                     draft="smollm2-135m-eagle3", json=str(tmp_path / "b.json"))
+    res = bench.run_benchmark(args, target=smollm2, progress=False)
+    lanes = {r["lane"]: r for r in res["lanes"]}
+    assert list(lanes) == ["baseline", "eagle s3-k2-n5", "eagle s3-k2-n5+ng3", "generate", "prompt_lookup pld3"]
+    for name, r in lanes.items():
+        assert r["requests"] == 2 and r["speedup"] > 0 and r["temperature"] == 0.0
+        assert {c["category"] for c in r["per_category"]} == {"writing", "roleplay"}  # round-robin order
+        if name != "baseline":
+            assert r["checked"] == 2 and r["lossless_ok"] == 2, r
+    assert lanes["generate"]["accept_length"] is None and lanes["prompt_lookup pld3"]["accept_length"] >= 1.0
+    assert res["head_to_head"]["prompts"] == 2
+    temps = {(r["temperature"], r["lane"]) for r in res["temperatures"]}
+    assert temps == {(t, lane) for t in (0.0, 0.8) for lane in lanes}
+    sampled = [r for r in res["requests"] if r["temperature"] == 0.8]
+    assert len(sampled) == 2 * len(lanes) and all(r["identical"] is None for r in sampled)  # no identity when sampling
+    assert res["summary"]["paired_requests"] == 2  # the main summary is the greedy run
+    printed = bench.format_summary(res)
+    assert "prompt_lookup pld3" in printed and "T=0.8" in printed
+
+
+def test_bad_sampling_and_peer_flags_are_clear_errors():
+    with pytest.raises(BenchError, match="--temperatures"):
+        bench.run_benchmark(BenchArgs(temperatures="0 warm", limit=1))
+    with pytest.raises(BenchError, match="--prompt_lookup"):
+        bench.command.parse_prompt_lookup("3 0")
+    with pytest.raises(BenchError, match="in-process backend only"):
+        bench.run_benchmark(BenchArgs(backend="openai", url="http://127.0.0.1:9/v1", temperature=0.7, limit=1))

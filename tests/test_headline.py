@@ -24,7 +24,7 @@ def test_setting_parse_and_errors():
 
 def test_headline_float32_lossless_and_resumes(tmp_path, capsys):
     args = HeadlineArgs(out=str(tmp_path), draft="", limit=2, max_new_tokens=12, dtypes="float32",
-                        settings="3,1,4 3,2,6", threads=2, warmup=0)
+                        settings="3,1,4 3,2,6", threads=2, warmup=0, peers=False)
     res = run_headline(args, progress=False)
     rows = [json.loads(ln) for ln in (tmp_path / "requests.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 3  # 2 prompts x (baseline + 2 settings)
@@ -66,8 +66,27 @@ def test_headline_reads_a_prompts_file(tmp_path):
     f.write_text(json.dumps({"id": "u1", "category": "sharegpt-unseen",
                              "messages": [{"role": "user", "content": "Name three rivers in Europe."}]}) + "\n")
     args = HeadlineArgs(out=str(tmp_path / "out"), draft="", prompts=str(f), max_new_tokens=6, dtypes="float32",
-                        settings="2,1,3", threads=2, warmup=0)
+                        settings="2,1,3", threads=2, warmup=0, peers=False)
     res = run_headline(args, progress=False)
     rows = [json.loads(ln) for ln in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
     assert {(r["prompt_id"], r["category"]) for r in rows} == {("u1", "sharegpt-unseen")}
     assert [c["category"] for c in res["per_category"]] == ["sharegpt-unseen"]
+
+
+def test_headline_peers_and_the_merged_drafter_in_the_same_run(tmp_path):
+    """transformers' generate() and prompt lookup, and the merged drafter, ride along as lanes:
+    float32 greedy outputs equal the baseline's (or differ only at a float tie), the prompt-lookup
+    lanes report an accept length, and a per-category EAGLE vs prompt-lookup table is written."""
+    args = HeadlineArgs(out=str(tmp_path), draft="smollm2-135m-eagle3", limit=2, max_new_tokens=10,
+                        dtypes="float32", settings="3,2,5", threads=2, warmup=0, prompt_lookup="4", ngram=3)
+    res = run_headline(args, progress=False)
+    table = {r["setting"]: r for r in res["table"]}
+    assert set(table) == {"tree s3-k2-n5", "tree s3-k2-n5+ng3", "transformers generate()", "prompt lookup 4"}
+    for r in table.values():
+        assert r["prompts"] == 2 and r["checked"] == 2 and r["lossless_ok"] == 2
+        assert r["speedup"] > 0
+    assert table["prompt lookup 4"]["accept_length"] >= 1.0
+    assert table["transformers generate()"]["accept_length"] is None
+    assert {c["setting"] for c in res["cost_model"]} == {"tree s3-k2-n5", "tree s3-k2-n5+ng3"}
+    vs = res["eagle_vs_prompt_lookup"]
+    assert vs and all(v["winner"] in ("EAGLE", "prompt lookup") for v in vs)

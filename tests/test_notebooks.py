@@ -79,7 +79,16 @@ def check_06(r):
     assert r["prompts"] == 2 and r["per_category"], "every prompt paired, per category"
     assert r["baseline_tok_s"] > 0 and r["eagle_tok_s"] > 0 and r["speedup"] > 0
     assert r["accept_length"] >= 1.0  # the bonus token alone gives 1
-    assert [s["config"] for s in r["settings"]] == ["s2-k1-n3", "s2-k2-n4"]
+    assert [s["config"] for s in r["settings"]] == ["s2-k1-n3", "s2-k1-n3+ng2", "s2-k2-n4"]  # + the merged drafter
+    if r["backend"] == "inprocess":  # the peers ran in the same interleaved run, every lane on every prompt
+        lanes = {x["lane"]: x for x in r["lanes"]}
+        assert set(lanes) == {"baseline", "eagle s2-k1-n3", "eagle s2-k2-n4", "eagle s2-k1-n3+ng2", "generate",
+                              "prompt_lookup pld3"}
+        assert all(x["requests"] == 2 and x["speedup"] > 0 for x in lanes.values())
+        assert lanes["prompt_lookup pld3"]["accept_length"] >= 1.0 and lanes["generate"]["accept_length"] is None
+        if r["dtype"] == "float32":  # greedy, every lane: the baseline's tokens (or a float tie)
+            assert all(x["lossless_ok"] == x["checked"] == 2 for x in lanes.values() if x["lane"] != "baseline")
+        assert r["head_to_head"]["prompts"] == 2 and "lanes.png" in r["files"]
     assert {c["concurrency"] for c in r["concurrency"]} == {1, 2}
     if r["backend"] == "inprocess" and r["dtype"] == "float32":
         assert r["identical_share"] == 1.0

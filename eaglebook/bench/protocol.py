@@ -1,0 +1,223 @@
+"""The measuring protocol: lanes, warm-up, prompts interleaved across lanes (order alternated per
+prompt), concurrency phases, and a recorder that keeps partial results on disk."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .core import BenchError, Generation, ServerError, _wall_key, hardware_info, save_results
+from .suites import Prompt, render_ids
+from .tables import concurrency_table, head_to_head, lanes_table, summarize, sweep_table, temperature_table
+
+
+# --------------------------------------------------------------------------------------
+# Running prompts through clients: warm-up, interleaving, concurrency, partial results
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Lane:
+    """One thing being measured: a mode, a draft-setting label, and the client that serves it."""
+
+    mode: str
+    client: object
+    config: str = ""
+    temperature: float = 0.0
+
+
+class Recorder:
+    """Collects every finished request and (re)writes the result files as it goes.
+
+    If a run dies, what finished is already on disk, with `complete: false` and the error.
+    """
+
+    def __init__(self, config: dict, json_path: str | os.PathLike | None = None, save_every: int = 1):
+        self.config, self.json_path, self.save_every = config, json_path, save_every
+        self.gens: list[Generation] = []
+        self.walls: dict[str, float] = defaultdict(float)
+        self.server_info: dict[str, dict] = {}
+        self.error: str | None = None
+        self.hardware = hardware_info()
+        self.t0 = time.time()
+
+    def add(self, g: Generation) -> None:
+        self.gens.append(g)
+        if self.json_path and len(self.gens) % self.save_every == 0:
+            self.save()
+
+    def result(self) -> dict:
+        eagle_cfgs = sorted({g.config for g in self.gens if g.mode == "eagle"})
+        main = self.config.get("main_config") if self.config.get("main_config") in eagle_cfgs else None
+        main = main or (eagle_cfgs[0] if eagle_cfgs else None)
+        return {
+            "complete": self.error is None, "error": self.error,
+            "config": self.config, "hardware": self.hardware, "server_info": self.server_info,
+            "seconds": round(time.time() - self.t0, 1),
+            "summary": summarize(self.gens, config=main, walls=self.walls),
+            "settings": sweep_table(self.gens) if len(eagle_cfgs) > 1 else [],
+            "concurrency": concurrency_table(self.gens, self.walls),
+            "lanes": lanes_table(self.gens),
+            "head_to_head": head_to_head(self.gens),
+            "temperatures": temperature_table(self.gens) if len({g.temperature for g in self.gens}) > 1 else [],
+            "requests": [g.row() for g in self.gens],
+        }
+
+    def save(self) -> dict:
+        res = self.result()
+        if self.json_path:
+            save_results(res, self.json_path)
+        return res
+
+
+def _turns_of(p: Prompt, turns: int) -> int:
+    return min(len(p.turns), max(1, turns))
+
+
+def _build_ids(tokenizer, p: Prompt, turn: int, answers: dict) -> list[int]:
+    """The ids of turn `turn`; later turns carry the model's own earlier answers, as ids."""
+    prev = answers.get(p.id, [])
+    msgs = p.messages(turn, [g.text for g in prev])
+    from ..target import end_of_turn_ids
+
+    eot = set(end_of_turn_ids(tokenizer))
+    answer_ids = {}
+    offset = 1 if p.system else 0
+    for i, g in enumerate(prev[:turn]):
+        # An answer cut off by max_new_tokens has no end-of-turn of its own: it goes in as
+        # text and the template closes the turn, as a server would render it.
+        if g.output_ids and g.output_ids[-1] in eot:
+            answer_ids[offset + 2 * i + 1] = g.output_ids
+    return render_ids(tokenizer, msgs, answer_ids or None)
+
+
+async def _one(lane: Lane, p: Prompt, turn: int, ids: list[int], max_new_tokens: int, concurrency: int,
+               where: str) -> Generation:
+    try:
+        out = await lane.client.generate(ids, max_new_tokens)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        raise _explain(lane, exc, where) from exc
+    return Generation(prompt_id=p.id, category=p.category, turn=turn, mode=lane.mode,
+                      prompt_tokens=int(out.get("prompt_tokens") or len(ids)),
+                      completion_tokens=int(out["completion_tokens"]), latency_s=float(out["latency_s"]),
+                      ttft_s=out.get("ttft_s"), verify_ct=out.get("verify_ct"), finish_reason=out.get("finish_reason"),
+                      concurrency=concurrency, config=lane.config, text=out.get("text", ""),
+                      output_ids=out.get("output_ids"), temperature=lane.temperature, margins=out.get("margins"))
+
+
+def mark_identity(ref: Generation, gens: list[Generation], tol: float = 1e-4) -> None:
+    """Greedy only: is each output the reference's (the baseline's), token for token? Where not,
+    record the first divergence and the baseline's top-2 margin there (a tie below `tol` is
+    float rounding, not a bug; see `decode.check_lossless`)."""
+    from types import SimpleNamespace
+
+    from ..decode import check_lossless
+
+    if ref.temperature or ref.output_ids is None:
+        return
+    base = SimpleNamespace(token_ids=ref.output_ids, margins=ref.margins or [])
+    for g in gens:
+        if g is ref or g.output_ids is None:
+            continue
+        v = check_lossless(base, g.output_ids, tol)
+        g.identical, g.first_divergence, g.margin = v["identical"], v["first_divergence"], v["margin"]
+
+
+def _explain(lane: Lane, exc: BaseException, where: str) -> BenchError:
+    """Turn a failed request into an error that says which server, which prompt, and why."""
+    name = getattr(lane.client, "name", lane.mode)
+    srv = getattr(lane.client, "server", None)
+    msg = f"{name} failed at {where}: {type(exc).__name__}: {exc}"
+    if srv is not None:
+        code = srv.poll()
+        timed_out = type(exc).__name__ in ("ReadTimeout", "WriteTimeout", "ConnectTimeout", "PoolTimeout")
+        if code is None and srv.proc is not None and not timed_out:
+            # A dropped connection is often a server on its way down: give it a moment to say so.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = srv.proc.wait(timeout=3)
+        if code is not None:
+            msg = f"{name} died (exit code {code}) at {where}.\n{srv.log_tail()}"
+    try:
+        import httpx
+        if isinstance(exc, httpx.TimeoutException):
+            msg = f"{name} did not answer within {getattr(lane.client, 'timeout', '?')} s at {where} (request timed out)"
+    except ImportError:
+        pass
+    return ServerError(msg)
+
+
+async def warm_up(lanes: list[Lane], prompts: list[Prompt], tokenizer, n: int, max_new_tokens: int = 32) -> None:
+    """Run `n` short requests per lane first, so no lane pays for first-call costs in the numbers."""
+    for p in prompts[:n]:
+        ids = render_ids(tokenizer, p.messages(0))
+        for lane in lanes:
+            await _one(lane, p, 0, ids, min(max_new_tokens, 32), 1, f"warm-up prompt {p.id}")
+
+
+async def run_interleaved(lanes: list[Lane], prompts: list[Prompt], tokenizer, rec: Recorder, max_new_tokens: int,
+                          turns: int = 1, progress: bool = True) -> None:
+    """Concurrency 1: for each prompt (and turn), every lane in turn, the order alternating per
+    prompt, so slow drift of the machine (thermal, other load) hits all lanes alike."""
+    from tqdm.auto import tqdm
+
+    answers: dict[str, list[Generation]] = defaultdict(list)
+    ref = next((ln for ln in lanes if ln.mode == "baseline"), lanes[0])  # whose answers later turns build on
+    for i, p in enumerate(tqdm(prompts, desc="prompts", disable=not progress, mininterval=1.0)):
+        for t in range(_turns_of(p, turns)):
+            ids = _build_ids(tokenizer, p, t, answers)
+            order = lanes if i % 2 == 0 else lanes[::-1]
+            done = {}
+            for lane in order:
+                g = await _one(lane, p, t, ids, max_new_tokens, 1,
+                               f"prompt {p.id} turn {t + 1} ({i + 1}/{len(prompts)})")
+                done[id(lane)] = g
+                rec.walls[_wall_key(lane.mode, lane.config, 1)] += g.latency_s
+                if lane is ref:
+                    answers[p.id].append(g)
+            mark_identity(done[id(ref)], list(done.values()))
+            for lane in lanes:  # recorded in lane order, once every lane has answered
+                rec.add(done[id(lane)])
+
+
+async def run_phase(lane: Lane, prompts: list[Prompt], tokenizer, rec: Recorder, max_new_tokens: int,
+                    turns: int = 1, concurrency: int = 1, answers: dict | None = None, progress: bool = True) -> dict:
+    """All prompts through one lane with up to `concurrency` requests in flight.
+
+    Later turns build on `answers` (the baseline's, when given) else on this lane's own.
+    Returns this lane's answers. Wall time per phase goes to `rec.walls` (aggregate tok/s).
+    """
+    from tqdm.auto import tqdm
+
+    own: dict[str, list[Generation]] = defaultdict(list)
+    base = answers if answers is not None else own
+    sem = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=sum(_turns_of(p, turns) for p in prompts), desc=f"{lane.mode} {lane.config} c={concurrency}",
+               disable=not progress, mininterval=1.0)
+
+    async def one(i, p, t):
+        async with sem:
+            ids = _build_ids(tokenizer, p, t, base)
+            g = await _one(lane, p, t, ids, max_new_tokens, concurrency,
+                           f"prompt {p.id} turn {t + 1} ({i + 1}/{len(prompts)}, concurrency {concurrency})")
+            rec.add(g)
+            own[p.id].append(g)
+            bar.update(1)
+
+    t0 = time.perf_counter()
+    try:
+        for t in range(max(_turns_of(p, turns) for p in prompts)):
+            async with asyncio.TaskGroup() as tg:  # the first failure cancels the requests in flight
+                for i, p in enumerate(prompts):
+                    if t < _turns_of(p, turns):
+                        tg.create_task(one(i, p, t))
+    except BaseExceptionGroup as eg:
+        raise eg.exceptions[0] from None
+    finally:
+        bar.close()
+        rec.walls[_wall_key(lane.mode, lane.config, concurrency)] += time.perf_counter() - t0
+    return own
