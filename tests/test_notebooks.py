@@ -106,10 +106,16 @@ def check_06(r):
 def check_04(r):
     assert r["last_loss"] < r["first_loss"]  # the loss falls
     assert r["final"]["eval_acc_0"] > r["untrained"]["eval_acc_0"]  # and beats the untrained head
+    assert r["hand_loss_abs_diff"] < 1e-4  # the loss written out in the notebook is the package's
     assert len(r["acc_per_position"]) == r["ttt_steps"] == 7
     assert 1.0 <= r["tau_sim"] <= r["ttt_steps"] + 1
     assert r["train_tok_s"] > 0 and r["steps"] == 30
     assert r["draft_vocab_size"] == 4096 and 0 <= r["dropped_frac"] < 0.5
+    # the shipped head, evaluated on the same held-out features at the same positions
+    assert len(r["shipped_acc_per_position"]) == r["ttt_steps"]
+    assert r["shipped"]["eval_acc_0"] > r["untrained"]["eval_acc_0"]
+    assert r["tau_sim_shipped"] == r["shipped"]["eval_tau_sim"] and 1.0 <= r["tau_sim_shipped"] <= r["ttt_steps"] + 1
+    assert {"ttt_mask.png", "training_curves.png", "step_accuracy.png"} <= set(r["files"])
     assert (Path(r["draft_dir"]) / "eaglebook.json").is_file()
 
 def check_01(r):
@@ -135,14 +141,25 @@ def check_01(r):
     assert held[at] <= in_sample[at]  # held out never beats in-sample
 
 def check_05(r):
-    assert r["prompts_checked"] >= 2
+    # the hand-written tree growth and acceptance equalled the engine on every step of a real generation
+    assert r["engine_on_page_steps"] >= 2 and len(r["walk_accept_lengths"]) == r["engine_on_page_steps"]
+    assert r["drawn_step_accept_length"] == max(r["walk_accept_lengths"])  # the picture: the longest accepted path
+    assert r["prompts_checked"] == 2
     assert r["lossless_ok"], "EAGLE changed a float32 greedy output"
-    assert r["accept_length_mean"] >= 1.0 and r["speedup"] > 0
-    assert set(r["settings"]) == {"chain", "tree"}
+    assert {"chain", "tree"} <= set(r["lossless"]) and all(t["lossless_ok"] for t in r["lossless"].values())
+    assert r["speed_dtype"] == "bfloat16" and r["n_prompts"] == 2
+    assert r["accept_length_mean"] >= 1.0 and r["speedup"] > 0 and r["predicted_speedup"] > 0
+    assert {"chain", "tree"} <= set(r["settings"])
+    assert {"draft_tree.png", "tree_mask.png", "accept_lengths.png", "heads.png"} <= set(r["files"])
     from eaglebook.export import SHIPPED_HEADS
 
     if (SHIPPED_HEADS["smollm2-135m-eagle3"] / "config.json").is_file():  # a learner gets the trained head
         assert r["head"].startswith("shipped default head"), r["head"]
+    if (Path(r["run_dir"]) / "04-ttt-training" / "draft" / "config.json").is_file():  # 04 ran: yours beside it
+        assert r["yours"] and r["yours"]["accept_length"] >= 1.0 and "yours (tree)" in r["lossless"]
+        assert r["lossless"]["yours (tree)"]["lossless_ok"]
+    else:
+        assert r["yours"] is None
 
 
 CHECKS = {
