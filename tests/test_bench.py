@@ -299,11 +299,11 @@ def test_prompt_suites_and_files(tmp_path, smollm2_tokenizer):
 
 
 # ---------------------------------------------------------------------------------------
-# The in-process backend (needs eaglebook.decode, the engine of issue 7)
+# The in-process backend (needs eaglebook.decode, the in-process engine)
 # ---------------------------------------------------------------------------------------
 
 needs_decode = pytest.mark.skipif(__import__("importlib").util.find_spec("eaglebook.decode") is None,
-                                  reason="eaglebook.decode (issue 7) is not in this checkout yet")
+                                  reason="eaglebook.decode is not in this checkout yet")
 
 
 @needs_decode

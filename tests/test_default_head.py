@@ -1,4 +1,4 @@
-"""The shipped default head (issue 9): it loads by name against the real target, its provenance
+"""The shipped default head: it loads by name against the real target, its provenance
 matches that target, its card says what it is, and it drafts better than an untrained head."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Saving, loading and exporting draft heads: round trips, refusals, and the serving contracts
-of reference/serving-formats.md (SGLang sections 1-2, vLLM section 4, the joint dir section 6)."""
+of docs/contracts.md § 9."""
 from __future__ import annotations
 
 import json
@@ -49,7 +49,7 @@ def _max_diff(a, b):
     return (a - b).abs().max().item()
 
 
-# The exact key sets serving-formats.md lists (section 1 / 6 for EAGLE-3, section 2 for EAGLE-1/2).
+# The exact key sets of docs/contracts.md § 9 (EAGLE-3, and EAGLE-1/2).
 LAYER = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
          "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
 EAGLE3_KEYS = ({"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"}

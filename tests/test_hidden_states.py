@@ -1,4 +1,4 @@
-"""Hidden-state capture and storage (contracts sections 2 and 7; issue 4)."""
+"""Hidden-state capture and storage (docs/contracts.md §§ 2 and 7)."""
 from __future__ import annotations
 
 import json

@@ -53,6 +53,11 @@ def check_03(r):
 
 def check_02(r):
     assert r["aux_layers_hf"] == [2, 15, 27] and r["aux_layers_sglang"] == [1, 14, 26]
+    from transformers import Olmo3Config
+
+    olmo_types = Olmo3Config(num_hidden_layers=32).layer_types  # hybrid: captured states are full-attention outputs
+    olmo = r["hybrid_aux_sglang"]["OLMo-3-style, 32 layers"]
+    assert len(olmo) == 3 and all(olmo_types[i] == "full_attention" for i in olmo)
     assert r["sequences"] == 16 and r["tokens"] > 16 * 20
     assert r["shards_written"] >= 2  # shard_mb 2.0 splits the CI store
     # bf16: 4 x 576 x 2 B of features + 4 B id + 1 B mask per token, plus small safetensors headers.
@@ -104,6 +109,8 @@ def check_06(r):
 
 
 def check_04(r):
+    assert r["target_loaded"] == "TargetHead"  # training read only the embedding, lm_head and provenance
+    assert r["teacher_agreement"] > 0.97 and r["aux_layers_hf"] == [2, 15, 27]
     assert r["last_loss"] < r["first_loss"]  # the loss falls
     assert r["final"]["eval_acc_0"] > r["untrained"]["eval_acc_0"]  # and beats the untrained head
     assert r["hand_loss_abs_diff"] < 1e-4  # the loss written out in the notebook is the package's
