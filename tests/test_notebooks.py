@@ -167,6 +167,8 @@ def check_05(r):
         assert r["lossless"]["yours (tree)"]["lossless_ok"]
     else:
         assert r["yours"] is None
+    if (Path(r["run_dir"]) / "02-hidden-states" / "features" / "index.json").is_file():  # an EAGLE-2 style head
+        assert r["eagle2"]["lossless_ok"] and r["eagle2"]["accept_length"] >= 1.0
 
 
 CHECKS = {
