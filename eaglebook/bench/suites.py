@@ -2,7 +2,6 @@
 function every backend sends its token ids through."""
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -69,17 +68,11 @@ def _prompts_from_conversations(rows: Iterable[dict], source: str) -> list[Promp
 def load_prompts_file(path: str | os.PathLike) -> list[Prompt]:
     """A user JSONL: one object per line with `prompt` (a string), `turns` (strings) or
     `messages` (chat); optional `id`, `category`, `system`."""
+    from ..cli import read_jsonl  # the one JSONL reader: `path:line: not valid JSON (...)`
+
     path = Path(path)
-    if not path.is_file():
-        raise BenchError(f"prompts file {path} does not exist")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BenchError(f"{path}:{n}: not valid JSON ({exc})") from exc
+    for n, rec in read_jsonl(path, "prompts file"):
         if "messages" in rec:
             ps = _prompts_from_conversations([{**rec, "id": rec.get("id", f"{path.stem}-{n}")}], path.stem)
             if not ps:
