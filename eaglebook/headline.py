@@ -326,7 +326,8 @@ def plot_headline(result: dict, path=None):
     rows = result["table"]
     names = [f"{r['dtype']}\n{r['setting']}" for r in rows]
     x = range(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    wide = len(rows) > 5  # peer lanes and merged settings: long labels, turned so they do not overlap
+    fig, axes = plt.subplots(1, 2, figsize=(max(11, 1.5 * len(rows) + 2), 4.8 if wide else 4))
     for ax, key, clean, title, target in ((axes[0], "speedup", "clean_speedup", "speedup over greedy (x)", 2.0),
                                           (axes[1], "accept_length", "clean_accept_length",
                                            "accept length (tokens / verification)", 3.5)):
@@ -334,7 +335,7 @@ def plot_headline(result: dict, path=None):
         ax.bar([i + 0.2 for i in x], [r.get(clean) or 0 for r in rows], 0.4, label="no loops / cut-offs")
         ax.axhline(1.0 if key == "speedup" else 1.0, color="grey", lw=0.8)
         ax.axhline(target, color="tab:red", ls="--", lw=1, label=f"target {target}")
-        ax.set_xticks(list(x), names, fontsize=8)
+        ax.set_xticks(list(x), names, fontsize=8, rotation=35 if wide else 0, ha="right" if wide else "center")
         ax.set_title(title)
         ax.legend(fontsize=8)
     n = rows[0].get("prompts") if rows else 0
