@@ -160,7 +160,7 @@ def _run_all(page, name: str) -> None:
     page.locator("#jp-main-statusbar").get_by_text("Idle").first.wait_for(timeout=120_000)  # the kernel is up
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-    prompts = page.locator(".jp-Notebook .jp-CodeCell .jp-InputArea-prompt")
+    prompts = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell .jp-InputArea-prompt")
     n = prompts.count()
     assert n > 3, f"{name}: only {n} code cells on the page"
     deadline = time.time() + NOTEBOOK_SECONDS
@@ -195,7 +195,9 @@ def _assert_no_error(page, name: str, path: Path) -> None:
 def _open(browser, lab, stem: str):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(60_000)
-    page.goto(f"{lab['base']}/lab/tree/notebooks/{stem}.ipynb?token={lab['token']}")
+    # `reset`: a fresh workspace, so the page holds this notebook only (JupyterLab would otherwise restore the
+    # tabs of the previous page, and Run All would go to whichever tab got the focus)
+    page.goto(f"{lab['base']}/lab/tree/notebooks/{stem}.ipynb?reset&token={lab['token']}")
     return page
 
 
