@@ -1,12 +1,16 @@
-"""The headline benchmark: MT-bench first turns, float32 and bfloat16, chain and tree, one process.
+"""The headline benchmark: a report over `eaglebook bench`'s rows on MT-bench first turns (or
+any prompts file), float32 and bfloat16, the EAGLE settings beside their peers.
 
     eaglebook headline --draft smollm2-135m-eagle3 --out runs/headline
 
-For every prompt (after a warm-up) every lane runs once, the lane order reversed on every
-other prompt: per dtype the plain greedy baseline, then each EAGLE setting. Threads are fixed
-for the whole run, so each speedup is a ratio measured side by side. Per row it reports:
+For each dtype it runs `bench` once, in process (`<out>/bench-<dtype>.json`, resumable: a
+killed run continues where it stopped): after a warm-up, for every prompt every lane runs once,
+the lane order reversed on every other prompt (the plain greedy baseline, each EAGLE setting,
+the merged drafter with `--ngram`, and with `--peers` transformers' `generate()` and its prompt
+lookup). Threads are fixed for the whole run, so each speedup is a ratio measured side by side.
+From those rows the report gives, per lane:
 
-- speedup: EAGLE output tok/s / the same dtype's baseline tok/s (sums over the same prompts);
+- speedup: the lane's output tok/s / the same dtype's baseline tok/s (sums over the same prompts);
 - accept length: generated tokens / verification steps (the bonus token included);
 - identical: outputs equal to the same dtype's greedy baseline, token for token; where one
   differs, the baseline's top-2 logit margin at the first divergence (docs/contracts.md § 6:
@@ -16,29 +20,17 @@ for the whole run, so each speedup is a ratio measured side by side. Per row it 
 - the cost model's terms: speedup ~ accept_length * t_step / (t_verify + t_draft + t_other),
   t_step the baseline's time per token, t_draft all draft calls of one iteration.
 
-Rows go to `<out>/requests.jsonl` as they finish (a killed run resumes where it stopped);
 `<out>/headline.json` holds the tables and `<out>/headline.png` the figure.
 """
 from __future__ import annotations
 
 import json
-import statistics
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from types import SimpleNamespace
-
-from .bench import DraftSetting, Generation
-from .bench.command import parse_prompt_lookup as bench_lanes_pl
-from .bench.lanes import transformers_generate_fn
-from .bench.tables import _speedup, summarize_mode
-
-
-def looped(ids: list[int], n: int = 10, times: int = 3) -> bool:
-    """True when some n-gram occurs `times` times or more: the output repeats itself."""
-    counts = Counter(tuple(ids[i:i + n]) for i in range(len(ids) - n + 1))
-    return bool(counts) and max(counts.values()) >= times
+from .bench import BenchArgs, DraftSetting, Generation, run_benchmark
+from .bench.tables import lanes_table
 
 
 class Setting(DraftSetting):
@@ -59,7 +51,7 @@ class Setting(DraftSetting):
 
 @dataclass
 class HeadlineArgs:
-    """The headline benchmark: baseline and EAGLE interleaved per prompt, float32 and bfloat16."""
+    """The headline benchmark: bench's lanes interleaved per prompt, float32 and bfloat16, as one report."""
 
     out: str = field(default="runs/headline", metadata={"help": "results folder (resumable)"})
     target: str = field(default="smollm2-135m", metadata={"help": "target model"})
@@ -76,184 +68,104 @@ class HeadlineArgs:
     peers: bool = field(default=True, metadata={"help": "also transformers' generate() and its prompt lookup, "
                                                         "in the same interleaved run (--no_peers: off)"})
     prompt_lookup: str = field(default="3 10", metadata={"help": "peers: prompt_lookup_num_tokens values"})
-    ngram: int = field(default=0, metadata={"help": "also the merged drafter per setting: this many prompt-lookup "
-                                                    "tokens inside the EAGLE tree (0 = off)"})
+    ngram: int = field(default=0, metadata={"help": "also the merged drafter on the first setting: this many "
+                                                    "prompt-lookup tokens inside its EAGLE tree (0 = off)"})
 
-
-def _lanes(args: HeadlineArgs):
-    """(dtype, label, run(ids, max_new_tokens) -> (result, row)) for every lane, baselines first per dtype."""
-    from . import decode
-    from .target import end_of_turn_ids, load_target
-
-    settings = [Setting.parse(s) for s in args.settings.split()]
-    lanes, info = [], {}
-    for dt in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
-        model, tok = load_target(args.target, dtype=dt, threads=args.threads)
-        eos = end_of_turn_ids(tok, model.generation_config)
-        head = decode.load_head(model, args.draft)
-        info[dt] = {"draft": args.draft or "untrained", "draft_vocab": head.config.draft_vocab_size,
-                    "aux_layers": list(getattr(head.config, "aux_layers", None) or [])}
-
-        def base(ids, n, model=model, eos=eos):
-            r = decode.baseline_decode(model, ids, n, eos)
-            return r, {"tokens": len(r.token_ids), "seconds": r.seconds, "stop": r.stop_reason}
-
-        lanes.append((dt, "baseline", base))
-        for s in settings:
-            dec = decode.EagleDecoder(model, head, decode.SpecConfig(s.num_steps, s.topk, s.num_draft_tokens),
-                                      eos_ids=eos)
-
-            def eagle(ids, n, dec=dec):
-                r = dec.generate(ids, n)
-                return r, {"tokens": len(r.token_ids), "seconds": r.seconds, "stop": r.stop_reason,
-                           "verify_steps": r.num_verify_steps, "prefill_ms": r.prefill_ms, **r.timing()}
-
-            lanes.append((dt, s.label, eagle))
-            if args.ngram:
-                merged = decode.EagleDecoder(model, head, decode.SpecConfig(s.num_steps, s.topk, s.num_draft_tokens,
-                                                                            ngram_tokens=args.ngram), eos_ids=eos)
-                lanes.append((dt, f"{s.label}+ng{args.ngram}", lambda ids, n, dec=merged: eagle(ids, n, dec)))
-        if args.peers:
-            for k in [None, *bench_lanes_pl(args.prompt_lookup)]:
-                fn = transformers_generate_fn(model, tok, eos, k, 0.0, 1.0, lambda: {"seed": 0})
-
-                def peer(ids, n, fn=fn):
-                    out = fn(ids, n)
-                    r = SimpleNamespace(token_ids=out["output_ids"])
-                    row = {"tokens": out["completion_tokens"], "seconds": out["latency_s"],
-                           "stop": "max_new_tokens" if out["finish_reason"] == "length" else "eos"}
-                    if out["verify_ct"]:
-                        row["verify_steps"] = out["verify_ct"]
-                    return r, row
-
-                lanes.append((dt, "transformers generate()" if k is None else f"prompt lookup {k}", peer))
-    return lanes, tok, info
+    def bench_args(self, dtype: str) -> BenchArgs:
+        """The one `eaglebook bench` run behind this dtype's rows."""
+        for s in self.settings.split():
+            Setting.parse(s)  # the headline's own error for a malformed setting
+        return BenchArgs(suite=self.suite, prompts=self.prompts, limit=self.limit, backend="inprocess",
+                         target=self.target, draft=self.draft, dtype=dtype, max_new_tokens=self.max_new_tokens,
+                         sweep=self.settings, warmup=self.warmup, peers=self.peers, prompt_lookup=self.prompt_lookup,
+                         ngram=self.ngram, threads=self.threads, concurrency="1",
+                         json=str(Path(self.out) / f"bench-{dtype}.json"), resume=True)
 
 
 def run_headline(args: HeadlineArgs, progress: bool = True) -> dict:
-    from tqdm.auto import tqdm
-
-    from . import bench, decode
-
+    """One `bench` run per dtype, then the report over their rows (saved, plotted, printed)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "requests.jsonl"
-    done = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()] if log.is_file() else []
-    have = {(r["prompt_id"], r["dtype"], r["lane"]) for r in done}
-    prompts = bench.load_suite(args.suite, args.limit or None, prompts_file=args.prompts or None)
-    lanes, tok, info = _lanes(args)
-    ids_of = {p.id: bench.render_ids(tok, p.messages(0)) for p in prompts}
-    if args.warmup:
-        for p in prompts[: args.warmup]:
-            for _, _, run in lanes:
-                run(ids_of[p.id], 32)
-    with log.open("a") as f:
-        for i, p in enumerate(tqdm(prompts, desc="headline", disable=not progress)):
-            base_runs = {}
-            order = lanes if i % 2 == 0 else lanes[::-1]
-            results = {}
-            for dt, label, run in order:
-                if (p.id, dt, label) in have:
-                    continue
-                results[(dt, label)] = run(ids_of[p.id], args.max_new_tokens)
-            for dt, label, _ in lanes:  # write baselines first: EAGLE rows are checked against them
-                if (dt, label) not in results:
-                    continue
-                r, row = results[(dt, label)]
-                row.update(prompt_id=p.id, category=p.category, dtype=dt, lane=label,
-                           prompt_tokens=len(ids_of[p.id]), looped=looped(r.token_ids), output_ids=r.token_ids)
-                if label == "baseline":
-                    base_runs[dt] = r
-                    row["margins"] = r.margins
-                else:
-                    b = base_runs.get(dt) or _baseline_from_log(done, p.id, dt)
-                    row.update(decode.check_lossless(b, r.token_ids) if b is not None else {})
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                done.append(row)
-    result = summarize_headline(done, {**asdict(args), "draft_info": info})
+    rows, runs = [], {}
+    for dt in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+        res = run_benchmark(args.bench_args(dt), progress=progress)
+        rows += [{**r, "dtype": dt} for r in res["requests"]]
+        runs[dt] = {"file": f"bench-{dt}.json", "seconds": res["seconds"], "hardware": res["hardware"],
+                    "draft": res["server_info"].get(next((k for k in res["server_info"] if k.startswith("eagle")), ""))}
+    result = summarize_headline(rows, {**asdict(args), "runs": runs})
     (out / "headline.json").write_text(json.dumps(result, indent=2))
     plot_headline(result, out / "headline.png")
     print(format_headline(result))
     return result
 
 
-def _baseline_from_log(rows: list[dict], prompt_id: str, dtype: str):
-    from .decode import BaselineResult
-
-    for r in rows:
-        if r["prompt_id"] == prompt_id and r["dtype"] == dtype and r["lane"] == "baseline":
-            return BaselineResult(prompt_ids=[], token_ids=r["output_ids"], margins=r["margins"],
-                                  stop_reason=r["stop"], seconds=r["seconds"])
-    return None
-
-
-def as_generation(row: dict) -> Generation:
-    """A headline row as bench's one-request record, so both commands share one set of statistics."""
-    return Generation(prompt_id=row["prompt_id"], category=row["category"], turn=0,
-                      mode="baseline" if row["lane"] == "baseline" else "eagle", prompt_tokens=row.get("prompt_tokens", 0),
-                      completion_tokens=row["tokens"], latency_s=row["seconds"], verify_ct=row.get("verify_steps"),
-                      finish_reason="length" if row["stop"] == "max_new_tokens" else "stop", config=row["lane"])
+def lane_name(row: dict) -> str:
+    """A bench row's lane as the headline names it: chain/tree by the setting, the peers in words."""
+    mode, cfg = row["mode"], row.get("config") or ""
+    if mode == "eagle":
+        return f"{'chain' if '-k1-' in cfg else 'tree'} {cfg}"
+    if mode == "prompt_lookup":
+        return f"prompt lookup {cfg.removeprefix('pld')}"
+    return {"generate": "transformers generate()"}.get(mode, mode)
 
 
-def _row_stats(base: list[dict], eagle: list[dict]) -> dict:
-    """Speedup and accept length of a lane against `base` over the prompts both have (bench's
-    `summarize_mode` and `_speedup` on the same records)."""
-    ids = {r["prompt_id"] for r in base} & {r["prompt_id"] for r in eagle}
-    b = [as_generation(r) for r in base if r["prompt_id"] in ids]
-    e = [as_generation(r) for r in eagle if r["prompt_id"] in ids]
-    if not e:
-        return {"prompts": 0}
-    sb, se = summarize_mode(b), summarize_mode(e)
-    acc = se["accept_length"]
-    return {"prompts": len(e), "baseline_tok_s": round(sb["tok_s"], 2), "eagle_tok_s": round(se["tok_s"], 2),
-            "speedup": round(_speedup(b, e), 3), "accept_length": round(acc, 3) if acc is not None else None}
+def _clean_prompts(base: list[Generation]) -> set[str]:
+    """The prompts whose baseline answer neither ran to the token limit nor looped."""
+    return {g.prompt_id for g in base if g.finish_reason != "length" and not g.looped}
 
 
 def summarize_headline(rows: list[dict], config: dict | None = None) -> dict:
-    """The tables: one row per (dtype, EAGLE setting), per category, and the cost model."""
-    by = defaultdict(list)
+    """The tables from bench's request rows (each with its `dtype`): one row per (dtype, lane),
+    per category, the cost model, and EAGLE against prompt lookup per category."""
+    by_dtype = defaultdict(list)
     for r in rows:
-        by[(r["dtype"], r["lane"])].append(r)
+        by_dtype[r["dtype"]].append(Generation.from_row(r))
     table, cats, cost = [], [], []
-    for (dt, lane), eagle in by.items():
-        if lane == "baseline":
-            continue
-        base = by[(dt, "baseline")]
-        plain = {r["prompt_id"] for r in base if r["stop"] != "max_new_tokens" and not r["looped"]}
-        limit_hits = sum(r["stop"] == "max_new_tokens" for r in base)
-        loops = sum(r["looped"] for r in base)
-        checked = [r for r in eagle if "identical" in r]
-        div = [r["margin"] for r in checked if not r["identical"] and r["margin"] is not None]
-        all_ = _row_stats(base, eagle)
-        clean = _row_stats([r for r in base if r["prompt_id"] in plain], [r for r in eagle if r["prompt_id"] in plain])
-        table.append({
-            "dtype": dt, "setting": lane, **all_,
-            "identical": sum(r["identical"] for r in checked), "checked": len(checked),
-            "lossless_ok": sum(bool(r.get("ok")) for r in checked),
-            "divergence_margin_median": round(statistics.median(div), 4) if div else None,
-            "divergence_margin_min": round(min(div), 6) if div else None,
-            "baseline_limit_hits": limit_hits, "baseline_looped": loops,
-            "clean_prompts": clean.get("prompts", 0), "clean_speedup": clean.get("speedup"),
-            "clean_accept_length": clean.get("accept_length"),
-        })
-        for cat in sorted({r["category"] for r in eagle}):
-            s = _row_stats([r for r in base if r["category"] == cat], [r for r in eagle if r["category"] == cat])
-            cats.append({"dtype": dt, "setting": lane, "category": cat, **s})
-        if "draft_ms" not in eagle[0]:
-            continue  # a peer: no draft/verify split to model
-        steps = sum(r["verify_steps"] for r in eagle)
-        w = lambda k: sum(r[k] * r["verify_steps"] for r in eagle) / max(1, steps)  # noqa: E731
-        t_step = 1e3 * sum(r["seconds"] for r in base) / max(1, sum(r["tokens"] for r in base))
-        t_draft, t_verify, t_other = w("draft_ms"), w("verify_ms"), w("other_ms")
-        al = all_.get("accept_length") or 0.0
-        cost.append({"dtype": dt, "setting": lane, "accept_length": al, "t_step_ms": round(t_step, 2),
-                     "t_verify_ms": round(t_verify, 2), "t_draft_ms": round(t_draft, 2), "t_other_ms": round(t_other, 2),
-                     "predicted_speedup": round(al * t_step / (t_verify + t_draft + t_other), 3),
-                     "measured_speedup": all_.get("speedup"),
-                     "verify_over_step": round(t_verify / t_step, 2), "draft_over_step": round(t_draft / t_step, 2)})
+    for dt, gens in by_dtype.items():
+        gens = [g for g in gens if g.concurrency == 1]
+        base = [g for g in gens if g.mode == "baseline"]
+        plain = _clean_prompts(base)
+        base_tok_s = {r["lane"]: r for r in lanes_table(gens)}.get("baseline", {}).get("tok_s")
+        clean = {r["lane"]: r for r in lanes_table([g for g in gens if g.prompt_id in plain])}
+        for lane in lanes_table(gens):
+            if lane["mode"] == "baseline":
+                continue
+            own = [g for g in gens if g.mode == lane["mode"] and g.config == lane["config"]]
+            name = lane_name(lane)
+            c = clean.get(lane["lane"], {})
+            table.append({
+                "dtype": dt, "setting": name, "prompts": lane["requests"], "baseline_tok_s": base_tok_s,
+                "eagle_tok_s": lane["tok_s"], "speedup": lane["speedup"], "accept_length": lane["accept_length"],
+                "identical": lane["identical"] or 0, "checked": lane["checked"] or 0,
+                "lossless_ok": lane["lossless_ok"] or 0,
+                "divergence_margin_median": lane["divergence_margin_median"],
+                "divergence_margin_min": lane["divergence_margin_min"],
+                "baseline_limit_hits": sum(g.finish_reason == "length" for g in base),
+                "baseline_looped": sum(bool(g.looped) for g in base),
+                "clean_prompts": c.get("requests", 0), "clean_speedup": c.get("speedup"),
+                "clean_accept_length": c.get("accept_length"),
+            })
+            for pc in lane["per_category"]:
+                cats.append({"dtype": dt, "setting": name, "category": pc["category"], "prompts": pc["requests"],
+                             "speedup": pc["speedup"], "accept_length": pc["accept_length"]})
+            if own and all(g.timing and g.verify_ct for g in own):
+                cost.append(_cost_row(dt, name, base, own, lane))
     return {"config": config or {}, "table": table, "per_category": cats, "cost_model": cost,
             "eagle_vs_prompt_lookup": eagle_vs_prompt_lookup(cats)}
+
+
+def _cost_row(dtype: str, name: str, base: list[Generation], own: list[Generation], lane: dict) -> dict:
+    """The cost model's measured terms for one EAGLE lane (per iteration, weighted by iterations)."""
+    steps = sum(g.verify_ct for g in own)
+    w = lambda k: sum(g.timing[k] * g.verify_ct for g in own) / max(1, steps)  # noqa: E731
+    t_step = 1e3 * sum(g.latency_s for g in base) / max(1, sum(g.completion_tokens for g in base))
+    t_draft, t_verify, t_other = w("draft_ms"), w("verify_ms"), w("other_ms")
+    al = lane["accept_length"] or 0.0
+    return {"dtype": dtype, "setting": name, "accept_length": al, "t_step_ms": round(t_step, 2),
+            "t_verify_ms": round(t_verify, 2), "t_draft_ms": round(t_draft, 2), "t_other_ms": round(t_other, 2),
+            "predicted_speedup": round(al * t_step / (t_verify + t_draft + t_other), 3),
+            "measured_speedup": lane["speedup"],
+            "verify_over_step": round(t_verify / t_step, 2), "draft_over_step": round(t_draft / t_step, 2)}
 
 
 def eagle_vs_prompt_lookup(cats: list[dict]) -> list[dict]:

@@ -378,3 +378,51 @@ def test_bad_sampling_and_peer_flags_are_clear_errors():
         bench.command.parse_prompt_lookup("3 0")
     with pytest.raises(BenchError, match="in-process backend only"):
         bench.run_benchmark(BenchArgs(backend="openai", url="http://127.0.0.1:9/v1", temperature=0.7, limit=1))
+
+
+def test_a_killed_run_resumes_where_it_stopped(tmp_path):
+    """`eaglebook bench --json F` is killed (SIGKILL) after its first prompts are on disk; the
+    same command with --resume measures only the rest: the rows on disk stay as they were and
+    every lane ends with every prompt. Other arguments against the same file are refused."""
+    import signal
+    import subprocess
+
+    out = tmp_path / "b.json"
+    cmd = [sys.executable, "-m", "eaglebook.cli", "bench", "--suite", "mt-bench", "--limit", "4",
+           "--max_new_tokens", "32", "--warmup", "0", "--sweep", "3,1,4", "--no_peers", "--threads", "1",
+           "--json", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = []
+    try:
+        t0 = time.time()
+        while len(rows) < 2:  # the first prompt on both lanes
+            assert proc.poll() is None, "bench ended before it could be killed"
+            assert time.time() - t0 < 300
+            time.sleep(0.05)
+            if out.is_file():
+                try:
+                    rows = json.loads(out.read_text())["requests"]
+                except json.JSONDecodeError:
+                    rows = []
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    before = json.loads(out.read_text())
+    assert not before["complete"] or len(before["requests"]) < 8
+    kept = before["requests"]
+    assert 2 <= len(kept) < 8, "the kill should land mid-run"
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stdout
+    after = json.loads(out.read_text())
+    assert after["complete"] and len(after["requests"]) == 8  # 4 prompts x (baseline, EAGLE)
+    finished = {r["prompt_id"] for r in kept if sum(x["prompt_id"] == r["prompt_id"] for x in kept) == 2}
+    for r in kept:
+        if r["prompt_id"] in finished:  # measured before the kill: taken as it was, not generated again
+            assert r in after["requests"]
+    assert {(r["prompt_id"], r["mode"]) for r in after["requests"]} == {
+        (p, m) for p in {r["prompt_id"] for r in after["requests"]} for m in ("baseline", "eagle")}
+    other = subprocess.run(cmd[:-2] + ["--json", str(out), "--resume", "--max_new_tokens", "16"],
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 1 and "other arguments (max_new_tokens)" in other.stderr

@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from eaglebook.headline import HeadlineArgs, Setting, looped, run_headline, summarize_headline
+from eaglebook.bench.core import looped
+from eaglebook.headline import HeadlineArgs, Setting, run_headline, summarize_headline
+
+
+def requests_of(path):
+    """The request rows of one bench run the headline made."""
+    return json.loads(path.read_text())["requests"]
 
 
 def test_looped_finds_repeats_only():
@@ -26,7 +32,7 @@ def test_headline_float32_lossless_and_resumes(tmp_path, capsys):
     args = HeadlineArgs(out=str(tmp_path), draft="", limit=2, max_new_tokens=12, dtypes="float32",
                         settings="3,1,4 3,2,6", threads=2, warmup=0, peers=False)
     res = run_headline(args, progress=False)
-    rows = [json.loads(ln) for ln in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    rows = requests_of(tmp_path / "bench-float32.json")
     assert len(rows) == 2 * 3  # 2 prompts x (baseline + 2 settings)
     table = {r["setting"]: r for r in res["table"]}
     assert set(table) == {"chain s3-k1-n4", "tree s3-k2-n6"}
@@ -40,25 +46,37 @@ def test_headline_float32_lossless_and_resumes(tmp_path, capsys):
     assert (tmp_path / "headline.png").stat().st_size > 0
     # a rerun finds every row done: nothing is generated again, the tables are the same
     again = run_headline(args, progress=False)
-    assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == 6
+    assert requests_of(tmp_path / "bench-float32.json") == rows
     assert again["table"] == res["table"]
     assert "Cost model" in capsys.readouterr().out
 
 
 def test_summary_counts_loops_and_limits_from_the_baseline():
-    def row(pid, lane, tokens, stop, loop, steps=None):
-        r = {"prompt_id": pid, "category": "writing", "dtype": "float32", "lane": lane, "tokens": tokens,
-             "seconds": tokens / 10, "stop": stop, "looped": loop}
-        if steps:
-            r.update(verify_steps=steps, draft_ms=1.0, verify_ms=2.0, other_ms=0.1, identical=True, ok=True, margin=None)
-        return r
+    """bench's request rows in, the headline's figures out: limits and loops come from the
+    baseline, the clean columns leave those prompts out, the cost model weights by iterations."""
+    from eaglebook.bench import Generation
 
-    rows = [row("a", "baseline", 10, "eos", False), row("a", "chain s2-k1-n3", 10, "eos", False, 5),
-            row("b", "baseline", 20, "max_new_tokens", True), row("b", "chain s2-k1-n3", 20, "max_new_tokens", True, 5)]
-    t = summarize_headline(rows)["table"][0]
+    def row(pid, mode, tokens, finish, loop, steps=None, cfg=""):
+        g = Generation(prompt_id=pid, category="writing", turn=0, mode=mode, prompt_tokens=5,
+                       completion_tokens=tokens, latency_s=tokens / 10, verify_ct=steps, finish_reason=finish,
+                       config=cfg, looped=loop)
+        if steps:
+            g.identical = True
+            g.timing = {"draft_ms": 1.0, "verify_ms": 2.0, "other_ms": 0.1, "tree_size": 3}
+        return {**g.row(), "dtype": "float32"}
+
+    rows = [row("a", "baseline", 10, "stop", False), row("a", "eagle", 10, "stop", False, 5, "s2-k1-n3"),
+            row("b", "baseline", 20, "length", True), row("b", "eagle", 20, "length", True, 5, "s2-k1-n3")]
+    res = summarize_headline(rows)
+    t = res["table"][0]
+    assert t["setting"] == "chain s2-k1-n3"
     assert (t["baseline_limit_hits"], t["baseline_looped"], t["clean_prompts"]) == (1, 1, 1)
     assert t["accept_length"] == pytest.approx(30 / 10)
     assert t["clean_accept_length"] == pytest.approx(10 / 5)
+    assert (t["identical"], t["checked"], t["lossless_ok"]) == (2, 2, 2)
+    c = res["cost_model"][0]
+    assert (c["t_step_ms"], c["t_draft_ms"], c["t_verify_ms"]) == (100.0, 1.0, 2.0)
+    assert c["predicted_speedup"] == pytest.approx(3.0 * 100 / 3.1, rel=1e-3)
 
 
 def test_headline_reads_a_prompts_file(tmp_path):
@@ -68,7 +86,7 @@ def test_headline_reads_a_prompts_file(tmp_path):
     args = HeadlineArgs(out=str(tmp_path / "out"), draft="", prompts=str(f), max_new_tokens=6, dtypes="float32",
                         settings="2,1,3", threads=2, warmup=0, peers=False)
     res = run_headline(args, progress=False)
-    rows = [json.loads(ln) for ln in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
+    rows = requests_of(tmp_path / "out" / "bench-float32.json")
     assert {(r["prompt_id"], r["category"]) for r in rows} == {("u1", "sharegpt-unseen")}
     assert [c["category"] for c in res["per_category"]] == ["sharegpt-unseen"]
 

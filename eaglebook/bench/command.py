@@ -52,6 +52,8 @@ class BenchArgs:
     stream: bool = field(default=False, metadata={"help": "SGLang: stream to measure TTFT"})
     ignore_eos: bool = field(default=False, metadata={"help": "servers: always generate max_new_tokens"})
     json: str = field(default="", metadata={"help": "results JSON (a CSV of the requests is written beside it)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run saved in --json (same arguments): "
+                                                          "prompts every lane finished are not generated again"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = default)"})
     sglang_model: str = field(default="", metadata={"help": "SGLang --model-path (default: the target's folder or id)"})
     port: int = field(default=30000, metadata={"help": "SGLang port (the EAGLE server uses port+1 when together)"})
@@ -157,7 +159,9 @@ def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = Tru
     config = {**asdict(args), "backend": backend, "settings": [asdict(s) for s in settings],
               "main_config": settings[0].label if backend != "openai" else "server",
               "concurrency_levels": levels, "temperatures": temps, "prompts": len(prompts)}
-    rec = Recorder(config, args.json or None)
+    if args.resume and not args.json:
+        raise BenchError("--resume continues the run saved in --json: give --json")
+    rec = Recorder(config, args.json or None, resume=args.resume)
     log_dir = args.log_dir or (str(Path(args.json).parent / "server-logs") if args.json else "runs/bench-logs")
 
     async def main():

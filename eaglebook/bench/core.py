@@ -8,7 +8,8 @@ import json
 import math
 import os
 import platform
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 
@@ -71,6 +72,8 @@ class Generation:
     first_divergence: int | None = None  # where it first differs
     margin: float | None = None  # the baseline's top-2 logit margin there (a tie when tiny)
     margins: list[float] | None = None  # baseline, greedy: the top-2 margin at every position
+    looped: bool | None = None  # the output repeats itself (see `looped`); None where no ids came back
+    timing: dict | None = None  # in-process EAGLE: ms per iteration (draft_ms, verify_ms, other_ms, tree_size)
 
     @property
     def tok_s(self) -> float:
@@ -89,6 +92,15 @@ class Generation:
     def accept_length(self) -> float | None:
         return self.completion_tokens / self.verify_ct if self.verify_ct else None
 
+    @classmethod
+    def from_row(cls, row: dict) -> "Generation":
+        """The record `row()` wrote (a results file's `requests`), back as a Generation (no ids)."""
+        own = {f.name for f in fields(cls)}
+        g = cls(**{k: v for k, v in row.items() if k in own})
+        if row.get("ttft_ms") is not None:
+            g.ttft_s = row["ttft_ms"] / 1e3
+        return g
+
     def row(self) -> dict:
         d = asdict(self)
         d.pop("output_ids")
@@ -98,6 +110,13 @@ class Generation:
                  accept_length=_r(self.accept_length))
         d.pop("ttft_s")
         return d
+
+
+def looped(ids: list[int], n: int = 10, times: int = 3) -> bool:
+    """True when some n-gram of `ids` occurs `times` times or more: the output repeats itself
+    (a small model often does, and repeats are easy to draft, which flatters accept length)."""
+    counts = Counter(tuple(ids[i:i + n]) for i in range(len(ids) - n + 1))
+    return bool(counts) and max(counts.values()) >= times
 
 
 def _r(x, nd: int = 4):

@@ -66,9 +66,12 @@ def make_inprocess_lanes(target, tokenizer, draft, settings: list[DraftSetting],
             r = dec.generate(ids, n, **sampling())
             return {"completion_tokens": len(r.token_ids), "latency_s": r.seconds,
                     "verify_ct": max(1, r.num_verify_steps), "finish_reason": _FINISH.get(r.stop_reason, r.stop_reason),
-                    "text": r.text, "output_ids": list(r.token_ids)}
+                    "text": r.text, "output_ids": list(r.token_ids),
+                    "timing": {**{k: round(v, 3) for k, v in r.timing().items()}, "prefill_ms": round(r.prefill_ms, 3)}}
 
-        info = {**common, "mode": "eagle", **asdict(spec)}
+        cfg = getattr(draft, "config", None)
+        info = {**common, "mode": "eagle", **asdict(spec), "draft_vocab": getattr(cfg, "draft_vocab_size", None),
+                "aux_layers": list(getattr(cfg, "aux_layers", None) or [])}
         lanes.append(Lane("eagle", InProcessClient(f"in-process EAGLE {spec.label}", eagle_fn, info), spec.label,
                           temperature))
     if peers:

@@ -10,7 +10,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from .core import BenchError, Generation, ServerError, _wall_key, hardware_info, save_results
+from .core import BenchError, Generation, ServerError, _wall_key, hardware_info, looped, save_results
 from .suites import Prompt, render_ids
 from .tables import concurrency_table, head_to_head, lanes_table, summarize, sweep_table, temperature_table
 
@@ -35,7 +35,11 @@ class Recorder:
     If a run dies, what finished is already on disk, with `complete: false` and the error.
     """
 
-    def __init__(self, config: dict, json_path: str | os.PathLike | None = None, save_every: int = 1):
+    # Arguments that may differ between a run and its resumption (where files go, the warm-up).
+    RESUME_FREE = ("json", "log_dir", "warmup", "resume")
+
+    def __init__(self, config: dict, json_path: str | os.PathLike | None = None, save_every: int = 1,
+                 resume: bool = False):
         self.config, self.json_path, self.save_every = config, json_path, save_every
         self.gens: list[Generation] = []
         self.walls: dict[str, float] = defaultdict(float)
@@ -43,6 +47,49 @@ class Recorder:
         self.error: str | None = None
         self.hardware = hardware_info()
         self.t0 = time.time()
+        if resume:
+            self._resume()
+
+    def _resume(self) -> None:
+        """Take the concurrency-1 requests of the results file back (same arguments only), so
+        `run_interleaved` generates only the prompts some lane has not finished."""
+        import json
+        from pathlib import Path
+
+        if not self.json_path or not Path(self.json_path).is_file():
+            return
+        try:
+            old = json.loads(Path(self.json_path).read_text())
+        except json.JSONDecodeError as exc:
+            raise BenchError(f"cannot resume from {self.json_path}: not valid JSON ({exc}); delete it to start over")
+        before = {k: v for k, v in old.get("config", {}).items() if k not in self.RESUME_FREE}
+        now = {k: v for k, v in self.config.items() if k not in self.RESUME_FREE}
+        diff = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if diff:
+            raise BenchError(f"cannot resume from {self.json_path}: it was run with other arguments ({', '.join(diff)}); "
+                             "pass another --json or delete it to start over")
+        self.gens = [Generation.from_row(r) for r in old.get("requests", []) if r.get("concurrency", 1) == 1]
+        for g in self.gens:
+            self.walls[_wall_key(g.mode, g.config, 1)] += g.latency_s
+        if self.gens:
+            print(f"resuming {self.json_path}: {len(self.gens)} requests already measured")
+
+    def finished(self, lanes: list["Lane"], prompt_id: str, turns: int) -> bool:
+        """Every lane has every turn of this prompt (a resumed run skips it)."""
+        have = {(g.mode, g.config, g.temperature, g.turn) for g in self.gens if g.prompt_id == prompt_id
+                and g.concurrency == 1}
+        return all((ln.mode, ln.config, ln.temperature, t) in have for ln in lanes for t in range(turns))
+
+    def drop(self, lanes: list["Lane"], prompt_id: str) -> None:
+        """Forget this prompt's requests on these lanes (a prompt half done when a run stopped)."""
+        keys = {(ln.mode, ln.config, ln.temperature) for ln in lanes}
+        keep = []
+        for g in self.gens:
+            if g.prompt_id == prompt_id and g.concurrency == 1 and (g.mode, g.config, g.temperature) in keys:
+                self.walls[_wall_key(g.mode, g.config, 1)] -= g.latency_s
+            else:
+                keep.append(g)
+        self.gens = keep
 
     def add(self, g: Generation) -> None:
         self.gens.append(g)
@@ -107,7 +154,9 @@ async def _one(lane: Lane, p: Prompt, turn: int, ids: list[int], max_new_tokens:
                       completion_tokens=int(out["completion_tokens"]), latency_s=float(out["latency_s"]),
                       ttft_s=out.get("ttft_s"), verify_ct=out.get("verify_ct"), finish_reason=out.get("finish_reason"),
                       concurrency=concurrency, config=lane.config, text=out.get("text", ""),
-                      output_ids=out.get("output_ids"), temperature=lane.temperature, margins=out.get("margins"))
+                      output_ids=out.get("output_ids"), temperature=lane.temperature, margins=out.get("margins"),
+                      looped=looped(out["output_ids"]) if out.get("output_ids") is not None else None,
+                      timing=out.get("timing"))
 
 
 def mark_identity(ref: Generation, gens: list[Generation], tol: float = 1e-4) -> None:
@@ -168,6 +217,9 @@ async def run_interleaved(lanes: list[Lane], prompts: list[Prompt], tokenizer, r
     answers: dict[str, list[Generation]] = defaultdict(list)
     ref = next((ln for ln in lanes if ln.mode == "baseline"), lanes[0])  # whose answers later turns build on
     for i, p in enumerate(tqdm(prompts, desc="prompts", disable=not progress, mininterval=1.0)):
+        if rec.finished(lanes, p.id, _turns_of(p, turns)):
+            continue  # measured before this run was resumed
+        rec.drop(lanes, p.id)
         for t in range(_turns_of(p, turns)):
             ids = _build_ids(tokenizer, p, t, answers)
             order = lanes if i % 2 == 0 else lanes[::-1]
