@@ -882,6 +882,8 @@ class GenerateArgs:
     num_steps: int = field(default=4, metadata={"help": "draft depth"})
     topk: int = field(default=4, metadata={"help": "branching per expanded node (1 = chain)"})
     num_draft_tokens: int = field(default=16, metadata={"help": "nodes verified, root included"})
+    ngram: int = field(default=0, metadata={"help": "merged drafter: this many prompt-lookup tokens inside the "
+                                                    "EAGLE tree, same num_draft_tokens (0 = EAGLE alone)"})
     max_new_tokens: int = field(default=128, metadata={"help": "generation limit"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
@@ -916,7 +918,8 @@ def run_generate(args: GenerateArgs) -> int:
     target, tok = load_target(args.target, dtype=args.dtype, threads=args.threads or None)
     draft, what = resolve_head(target, args.draft)
     print(f"draft: {what}")
-    dec = EagleDecoder(target, draft, SpecConfig(args.num_steps, args.topk, args.num_draft_tokens),
+    dec = EagleDecoder(target, draft, SpecConfig(args.num_steps, args.topk, args.num_draft_tokens,
+                                                 ngram_tokens=args.ngram),
                        eos_ids=end_of_turn_ids(tok, target.generation_config), tokenizer=tok)
     if args.limit:
         recs = recs[:args.limit]

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .bench import BenchArgs, DraftSetting, Generation, run_benchmark
-from .bench.tables import lanes_table
+from .bench.tables import head_to_head, lanes_table
 
 
 class Setting(DraftSetting):
@@ -109,6 +109,10 @@ def lane_name(row: dict) -> str:
     return {"generate": "transformers generate()"}.get(mode, mode)
 
 
+def _round(x, nd: int = 3):
+    return None if x is None else round(x, nd)
+
+
 def _clean_prompts(base: list[Generation]) -> set[str]:
     """The prompts whose baseline answer neither ran to the token limit nor looped."""
     return {g.prompt_id for g in base if g.finish_reason != "length" and not g.looped}
@@ -120,9 +124,12 @@ def summarize_headline(rows: list[dict], config: dict | None = None) -> dict:
     by_dtype = defaultdict(list)
     for r in rows:
         by_dtype[r["dtype"]].append(Generation.from_row(r))
-    table, cats, cost = [], [], []
+    table, cats, cost, h2h = [], [], [], []
     for dt, gens in by_dtype.items():
         gens = [g for g in gens if g.concurrency == 1]
+        h = head_to_head(gens)
+        if h:
+            h2h.append({"dtype": dt, **h})
         base = [g for g in gens if g.mode == "baseline"]
         plain = _clean_prompts(base)
         base_tok_s = {r["lane"]: r for r in lanes_table(gens)}.get("baseline", {}).get("tok_s")
@@ -134,24 +141,25 @@ def summarize_headline(rows: list[dict], config: dict | None = None) -> dict:
             name = lane_name(lane)
             c = clean.get(lane["lane"], {})
             table.append({
-                "dtype": dt, "setting": name, "prompts": lane["requests"], "baseline_tok_s": base_tok_s,
-                "eagle_tok_s": lane["tok_s"], "speedup": lane["speedup"], "accept_length": lane["accept_length"],
+                "dtype": dt, "setting": name, "prompts": lane["requests"], "baseline_tok_s": _round(base_tok_s, 2),
+                "eagle_tok_s": _round(lane["tok_s"], 2), "speedup": _round(lane["speedup"]),
+                "accept_length": _round(lane["accept_length"]),
                 "identical": lane["identical"] or 0, "checked": lane["checked"] or 0,
                 "lossless_ok": lane["lossless_ok"] or 0,
                 "divergence_margin_median": lane["divergence_margin_median"],
                 "divergence_margin_min": lane["divergence_margin_min"],
                 "baseline_limit_hits": sum(g.finish_reason == "length" for g in base),
                 "baseline_looped": sum(bool(g.looped) for g in base),
-                "clean_prompts": c.get("requests", 0), "clean_speedup": c.get("speedup"),
-                "clean_accept_length": c.get("accept_length"),
+                "clean_prompts": c.get("requests", 0), "clean_speedup": _round(c.get("speedup")),
+                "clean_accept_length": _round(c.get("accept_length")),
             })
             for pc in lane["per_category"]:
                 cats.append({"dtype": dt, "setting": name, "category": pc["category"], "prompts": pc["requests"],
-                             "speedup": pc["speedup"], "accept_length": pc["accept_length"]})
+                             "speedup": _round(pc["speedup"]), "accept_length": _round(pc["accept_length"])})
             if own and all(g.timing and g.verify_ct for g in own):
                 cost.append(_cost_row(dt, name, base, own, lane))
     return {"config": config or {}, "table": table, "per_category": cats, "cost_model": cost,
-            "eagle_vs_prompt_lookup": eagle_vs_prompt_lookup(cats)}
+            "eagle_vs_prompt_lookup": eagle_vs_prompt_lookup(cats), "head_to_head": h2h}
 
 
 def _cost_row(dtype: str, name: str, base: list[Generation], own: list[Generation], lane: dict) -> dict:
@@ -160,11 +168,11 @@ def _cost_row(dtype: str, name: str, base: list[Generation], own: list[Generatio
     w = lambda k: sum(g.timing[k] * g.verify_ct for g in own) / max(1, steps)  # noqa: E731
     t_step = 1e3 * sum(g.latency_s for g in base) / max(1, sum(g.completion_tokens for g in base))
     t_draft, t_verify, t_other = w("draft_ms"), w("verify_ms"), w("other_ms")
-    al = lane["accept_length"] or 0.0
+    al = _round(lane["accept_length"]) or 0.0
     return {"dtype": dtype, "setting": name, "accept_length": al, "t_step_ms": round(t_step, 2),
             "t_verify_ms": round(t_verify, 2), "t_draft_ms": round(t_draft, 2), "t_other_ms": round(t_other, 2),
             "predicted_speedup": round(al * t_step / (t_verify + t_draft + t_other), 3),
-            "measured_speedup": lane["speedup"],
+            "measured_speedup": _round(lane["speedup"]),
             "verify_over_step": round(t_verify / t_step, 2), "draft_over_step": round(t_draft / t_step, 2)}
 
 
@@ -216,6 +224,10 @@ def format_headline(result: dict) -> str:
             lines.append(f"| {v['dtype']} | {v['category']} | {v['prompts']} | {v['eagle_speedup']}x "
                          f"({v['eagle_accept_length']}) | {v['prompt_lookup_speedup']}x "
                          f"({v['prompt_lookup_accept_length']}) | {v['winner']} |")
+    for h in result.get("head_to_head") or []:
+        lines += ["", f"{h['dtype']}: prompt lookup (best size) faster than EAGLE (best lane) on {h['a_wins']} of "
+                      f"{h['prompts']} prompts (" + ", ".join(f"{c['category']} {c['a_wins']}/{c['prompts']}"
+                                                      for c in h["per_category"]) + ")"]
     bf = [r for r in result["table"] if r["dtype"] == "bfloat16" and r.get("speedup")]
     if bf:
         best = max(bf, key=lambda r: r["speedup"])

@@ -142,3 +142,21 @@ def test_merged_drafter_with_an_untrained_head_on_smollm2(smollm2):
     e = dec.generate(p, 16)
     assert check_lossless(b, e.token_ids)["ok"]
     assert sum(s.ngram_accepted for s in e.steps) > 0
+
+
+def test_generate_cli_with_the_merged_drafter(tmp_path):
+    """`eaglebook generate --ngram 3`: the shipped head's tree with prompt-lookup candidates,
+    float32 greedy, checked token for token against plain decoding by the command itself."""
+    import json
+
+    from eaglebook.cli import main
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text(json.dumps({"id": "copy", "prompt": "Repeat this list twice: red apple, green pear, "
+                                                       "yellow banana, purple grape."}) + "\n")
+    out = tmp_path / "out.jsonl"
+    rc = main(["generate", "--prompts", str(src), "--output", str(out), "--max_new_tokens", "24", "--ngram", "3",
+               "--num_steps", "3", "--topk", "2", "--num_draft_tokens", "6", "--baseline", "--threads", "1"])
+    (row,) = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert rc == 0 and row["ok"] and row["spec"]["ngram_tokens"] == 3
+    assert sum(row["accept_lengths"]) + 1 == len(row["token_ids"])

@@ -106,6 +106,10 @@ def check_06(r):
         assert {x["dtype"] for x in rows} == {"float32", "bfloat16"} and len(rows) >= 4
         assert all(x["prompts"] == 80 for x in rows) and "headline.png" in r["files"]
         assert all(x["lossless_ok"] == x["checked"] for x in rows if x["dtype"] == "float32")
+    if (SHIPPED_HEADS["smollm2-135m-eagle3"] / "headline-peers.json").is_file():  # the head beside its peers
+        peers = {x["setting"]: x for x in r["peer_rows"]}
+        assert {"transformers generate()", "prompt lookup 3"} <= set(peers) and "headline-peers.png" in r["files"]
+        assert all(x["prompts"] == 80 and x["speedup"] > 0 for x in peers.values())
 
 
 def check_04(r):

@@ -10,7 +10,7 @@ from pathlib import Path
 from .clients import OpenAIClient, SGLangClient
 from .core import BenchError, DraftSetting
 from .lanes import _Threaded, make_inprocess_lanes, resolve_draft
-from .protocol import Lane, Recorder, run_interleaved, run_phase, warm_up
+from .protocol import Lane, Recorder, _turns_of, run_interleaved, run_phase, warm_up
 from .servers import SGLangConfig, require_sglang, sglang_command, sglang_server
 from .suites import load_suite
 from .tables import format_summary
@@ -218,7 +218,9 @@ async def _bench_inprocess(args, settings, levels, prompts, rec, target, draft, 
         if n == 0:
             for lane in lanes:
                 rec.server_info[f"{lane.mode} {lane.config}".strip()] = await lane.client.server_info()
-            await warm_up(lanes, prompts, tok, args.warmup)
+            # a resumed run warms up on what is left to measure (nothing left: no warm-up)
+            todo = [p for p in prompts if not rec.finished(lanes, p.id, _turns_of(p, args.turns))]
+            await warm_up(lanes, todo, tok, args.warmup)
         if 1 in levels or n > 0:
             await run_interleaved(lanes, prompts, tok, rec, args.max_new_tokens, args.turns, progress)
         if n == 0 and max(levels) > 1:
