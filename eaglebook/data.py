@@ -312,7 +312,7 @@ def load_humaneval() -> Dataset:
 
 
 # --------------------------------------------------------------------------------------
-# Rendering: THE one token stream (docs/contracts.md § 1)
+# Rendering: THE one token stream (docs/stages.md § 1)
 # --------------------------------------------------------------------------------------
 #
 # A conversation is rendered with the tokenizer's own chat template, turn by turn. For each

@@ -12,7 +12,7 @@ One iteration (a "step") of `EagleDecoder`:
      the draft's cache over the accepted tokens with the *target's* features from the
      verify pass; the draft's last output there is the root of the next tree.
 
-Parameters mean what SGLang's do (docs/contracts.md § 5): `num_steps` = draft depth,
+Parameters mean what SGLang's do (docs/stages.md § 5): `num_steps` = draft depth,
 `topk` = branching, `num_draft_tokens` = nodes verified including the root; `topk=1` is
 a chain with `num_draft_tokens = num_steps + 1`.
 
@@ -44,7 +44,7 @@ class DecodeError(ValueError):
 
 @dataclass
 class SpecConfig:
-    """Draft-tree shape, with SGLang's meanings (docs/contracts.md § 5)."""
+    """Draft-tree shape, with SGLang's meanings (docs/stages.md § 5)."""
 
     num_steps: int = 4  # draft depth: tokens on the longest drafted path
     topk: int = 4  # children per expanded node, and nodes expanded per depth
@@ -763,7 +763,7 @@ def baseline_decode(target, input_ids, max_new_tokens: int = 256, eos_ids=(), te
 
 
 def check_lossless(baseline: BaselineResult, eagle_ids: list[int], tol: float = 1e-4) -> dict:
-    """docs/contracts.md § 6: identical, or the first divergence sits where the baseline's top-2
+    """docs/stages.md § 6: identical, or the first divergence sits where the baseline's top-2
     margin is below `tol` (a float rounding tie, not a bug)."""
     ref = baseline.token_ids
     i = next((j for j, (a, b) in enumerate(zip(ref, eagle_ids)) if a != b), None)
@@ -780,7 +780,7 @@ def check_lossless(baseline: BaselineResult, eagle_ids: list[int], tol: float = 
 # --------------------------------------------------------------------------------------
 
 def render_prompt_ids(tokenizer, messages) -> list[int]:
-    """The one place this module renders a chat for the target (docs/contracts.md § 1)."""
+    """The one place this module renders a chat for the target (docs/stages.md § 1)."""
     try:
         from .data import render_prompt  # the suite's single render function, once it exists
     except ImportError:

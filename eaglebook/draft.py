@@ -9,7 +9,7 @@ The layer's pre-norm output feeds the next draft step; `norm` + a reduced-vocabu
 `lm_head` turn it into logits over `draft_vocab` ids, mapped back with `d2t`.
 
 The module names (`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`, `t2d`) are exactly the
-checkpoint keys SGLang and vLLM read (docs/contracts.md § 9).
+checkpoint keys SGLang and vLLM read (docs/stages.md § 9).
 """
 from __future__ import annotations
 

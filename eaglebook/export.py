@@ -1,7 +1,7 @@
 """Save, load and export draft heads in the formats serving engines read.
 
 One canonical on-disk format: the EAGLE-3 directory that SGLang and vLLM both load
-(docs/contracts.md § 9):
+(docs/stages.md § 9):
 
     config.json        architectures ["LlamaForCausalLMEagle3"], model_type llama, ...
     model.safetensors  fc.weight, midlayer.*, norm.weight, lm_head.weight, d2t (int64), t2d (bool)
@@ -123,7 +123,7 @@ def refuse_post_norm_layers(draft_config) -> dict:
 
 
 def eagle3_config(draft: Eagle3Draft) -> dict:
-    """config.json of the canonical EAGLE-3 directory (docs/contracts.md § 9)."""
+    """config.json of the canonical EAGLE-3 directory (docs/stages.md § 9)."""
     cfg = draft.config
     d = {"architectures": [EAGLE3_ARCH], **_llama_fields(cfg, draft.fc.weight.dtype),
          "draft_vocab_size": cfg.draft_vocab_size,
@@ -295,7 +295,7 @@ def check_against_target(draft, target) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Provenance (docs/contracts.md § 7)
+# Provenance (docs/stages.md § 7)
 # --------------------------------------------------------------------------------------
 
 def head_provenance(target, tokenizer=None, vocab_source: str = "full target vocabulary") -> dict:
@@ -628,7 +628,7 @@ def vllm_parameter_for(key: str, fmt: str) -> str | None:
 
 
 def check_export(path) -> dict:
-    """Check a head directory against what SGLang / vLLM / speculators read (docs/contracts.md § 9):
+    """Check a head directory against what SGLang / vLLM / speculators read (docs/stages.md § 9):
     exact keys, shapes, dtypes, config fields, vocab map, and that vLLM would accept every key.
     Returns a summary; raises DraftError naming the first problem."""
     config, tensors, side = read_checkpoint(path)

@@ -13,7 +13,7 @@ From those rows the report gives, per lane:
 - speedup: the lane's output tok/s / the same dtype's baseline tok/s (sums over the same prompts);
 - accept length: generated tokens / verification steps (the bonus token included);
 - identical: outputs equal to the same dtype's greedy baseline, token for token; where one
-  differs, the baseline's top-2 logit margin at the first divergence (docs/contracts.md § 6:
+  differs, the baseline's top-2 logit margin at the first divergence (docs/stages.md § 6:
   in float32 a divergence is allowed only where that margin is below 1e-4);
 - the same figures without the prompts whose baseline output ran to the token limit or looped
   (a small model repeats itself, and repeats are easy to draft, which flatters accept length);

@@ -5,7 +5,7 @@ EAGLE trains its draft on the target's internal features:
 - the *final* feature `hidden_states[N]` (after the final norm) is EAGLE-1/2's input and the
   teacher: the target's next-token logits are `lm_head(final_hidden)`, no second norm.
 
-Indices follow `transformers`' `output_hidden_states` (docs/contracts.md § 2): `hidden_states[j]`
+Indices follow `transformers`' `output_hidden_states` (docs/stages.md § 2): `hidden_states[j]`
 is the input of decoder layer j (= output of layer j-1), `hidden_states[0]` the embedding
 output, `hidden_states[N]` the final-normed state. SGLang/SpecForge number the same tensors
 by the layer that *produced* them: SGLang id = HF index - 1. Both conventions are recorded.
@@ -15,7 +15,7 @@ vocab projection is the costliest matmul and is not needed) with forward pre-hoo
 the aux layers. `output_hidden_states` stays the test oracle.
 
 Storage: sharded safetensors files (`shard-r{rank}-{k}.safetensors`) plus one `index.json`
-holding provenance (docs/contracts.md § 7), sizes and hashes. Shards are written atomically
+holding provenance (docs/stages.md § 7), sizes and hashes. Shards are written atomically
 (temporary file + `os.replace`); each rank records its finished shards in its own
 `index-rank{r}-of-{W}.json`, so a killed run resumes at the first unfinished shard and a
 truncated or corrupt shard is found and regenerated. `FeatureDataset` reads the shards;

@@ -291,7 +291,7 @@ def load_target(name_or_path: str = DEFAULT_TARGET, dtype=None, device=None, att
 
 
 def target_info(model, tokenizer) -> dict:
-    """Provenance of a target (docs/contracts.md § 7)."""
+    """Provenance of a target (docs/stages.md § 7)."""
     from . import __version__
 
     return {

@@ -1,5 +1,5 @@
 """The tree decoder: lossless against plain greedy, its tree and caches against slow references,
-stops inside accepted paths, and the sampling path's distribution (docs/contracts.md §§ 5 and 6).
+stops inside accepted paths, and the sampling path's distribution (docs/stages.md §§ 5 and 6).
 
 Tiny targets here use a small vocabulary and a larger init scale than the `tiny_llama`
 fixture, so their next-token distributions are peaked: greedy margins are far above the

@@ -1,5 +1,5 @@
 """Saving, loading and exporting draft heads: round trips, refusals, and the serving contracts
-of docs/contracts.md § 9."""
+of docs/stages.md § 9."""
 from __future__ import annotations
 
 import json
@@ -49,7 +49,7 @@ def _max_diff(a, b):
     return (a - b).abs().max().item()
 
 
-# The exact key sets of docs/contracts.md § 9 (EAGLE-3, and EAGLE-1/2).
+# The exact key sets of docs/stages.md § 9 (EAGLE-3, and EAGLE-1/2).
 LAYER = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
          "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
 EAGLE3_KEYS = ({"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"}

@@ -38,7 +38,7 @@ def test_headline_float32_lossless_and_resumes(tmp_path, capsys):
     assert set(table) == {"chain s3-k1-n4", "tree s3-k2-n6"}
     for r in table.values():
         assert r["prompts"] == 2 and r["checked"] == 2
-        assert r["lossless_ok"] == 2  # float32: identical, or a tie below 1e-4 (docs/contracts.md § 6)
+        assert r["lossless_ok"] == 2  # float32: identical, or a tie below 1e-4 (docs/stages.md § 6)
         assert r["accept_length"] >= 1.0
         assert r["baseline_limit_hits"] == 2  # 12 tokens never finish an MT-bench answer
     cost = {c["setting"]: c for c in res["cost_model"]}

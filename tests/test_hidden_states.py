@@ -1,4 +1,4 @@
-"""Hidden-state capture and storage (docs/contracts.md §§ 2 and 7)."""
+"""Hidden-state capture and storage (docs/stages.md §§ 2 and 7)."""
 from __future__ import annotations
 
 import json
