@@ -13,6 +13,7 @@ installs both where apt is available and it runs as root).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -217,57 +218,56 @@ def _readout(slider) -> str:
     return slider.locator(".widget-readout").inner_text().strip()
 
 
-def test_notebook_05_step_through_in_jupyterlab(browser, lab):
-    name = "05-tree-decoding"
+@contextlib.contextmanager
+def _ran(browser, lab, name: str):
+    """The notebook opened in JupyterLab, Run All done, no error on the page or in the saved file."""
     page = _open(browser, lab, name)
     try:
         _run_all(page, name)
         _shot(page, f"{name}-ran")
         _assert_no_error(page, name, lab["notebooks"] / f"{name}.ipynb")
-        stepper = page.locator(".widget-interact").filter(has=page.locator(".widget-slider", has_text="step"))
-        assert stepper.count() == 1, f"{name}: the step-through widget is not on the page"
-        slider = stepper.locator(".widget-slider")
-        slider.scroll_into_view_if_needed()
-        picture = stepper.locator(".jp-OutputArea-output img")
-        picture.first.wait_for()
-        before, value = picture.first.get_attribute("src"), _readout(slider)
-        _shot(page, f"{name}-slider-before")
-        _move_slider(page, slider)
-        assert _readout(slider) != value, f"{name}: the slider did not move"
-        deadline = time.time() + 60
-        while picture.count() == 0 or picture.first.get_attribute("src") == before:
-            assert time.time() < deadline, f"{name}: the tree did not change after moving the slider to {_readout(slider)}"
-            time.sleep(0.5)
-        _shot(page, f"{name}-slider-after")
+        yield page
     finally:
         page.close()
 
 
+def _drag_and_see(page, name: str, slider, shown, what: str, label: str, timeout: float) -> None:
+    """Drag `slider` one step and wait until `shown()` (what the widget draws) changes."""
+    slider.scroll_into_view_if_needed()
+    before, value = shown(), _readout(slider)
+    _shot(page, f"{name}-{label}-before")
+    _move_slider(page, slider)
+    assert _readout(slider) != value, f"{name}: the slider did not move"
+    deadline = time.time() + timeout
+    while shown() == before:
+        assert time.time() < deadline, f"{name}: {what} did not change (slider at {_readout(slider)})"
+        time.sleep(0.5)
+
+
+def test_notebook_05_step_through_in_jupyterlab(browser, lab):
+    name = "05-tree-decoding"
+    with _ran(browser, lab, name) as page:
+        stepper = page.locator(".widget-interact").filter(has=page.locator(".widget-slider", has_text="step"))
+        assert stepper.count() == 1, f"{name}: the step-through widget is not on the page"
+        picture = stepper.locator(".jp-OutputArea-output img")
+        picture.first.wait_for()
+        _drag_and_see(page, name, stepper.locator(".widget-slider"),
+                      lambda: picture.first.get_attribute("src") if picture.count() else None,
+                      "the tree", "slider", timeout=60)
+        _shot(page, f"{name}-slider-after")
+
+
 def test_notebook_01_sample_browser_in_jupyterlab(browser, lab):
     name = "01-loss-masks"
-    page = _open(browser, lab, name)
-    try:
-        _run_all(page, name)
-        _shot(page, f"{name}-ran")
-        _assert_no_error(page, name, lab["notebooks"] / f"{name}.ipynb")
+    with _ran(browser, lab, name) as page:
         box = page.locator(".widget-vbox").filter(has=page.locator(".widget-slider", has_text="sample"))
         assert box.count() >= 1, f"{name}: the sample browser is not on the page"
         box = box.last
         slider = box.locator(".widget-slider")
         shown = box.locator(".widget-html-content")
-        slider.scroll_into_view_if_needed()
-        before, value = shown.inner_html(), _readout(slider)
-        _shot(page, f"{name}-browser-before")
-        _move_slider(page, slider)
-        assert _readout(slider) != value, f"{name}: the slider did not move"
-        deadline = time.time() + 30
-        while shown.inner_html() == before:
-            assert time.time() < deadline, f"{name}: the sample shown did not change (slider at {_readout(slider)})"
-            time.sleep(0.5)
+        _drag_and_see(page, name, slider, shown.inner_html, "the sample shown", "browser", timeout=30)
         assert f"sample {_readout(slider)}:" in shown.inner_text()
         _shot(page, f"{name}-browser-after")
-    finally:
-        page.close()
 
 
 def _slider_calls(source: str, where: str):
