@@ -9,7 +9,9 @@ that the client reads every field where SGLang puts it:
     GET  /health            200 once up
     GET  /server_info       flat ServerArgs fields + internal_states + version
     GET  /v1/models, POST /v1/completions (streamed chunks, usage at the end)
-    GET  /metrics           vLLM's Prometheus counters (spec decode) when --vllm-metrics
+    GET  /metrics           vLLM's Prometheus counters (spec decode, per draft position) when --vllm-metrics
+    GET  /version           vLLM's {"version": ...}
+    `return_token_ids` in a completions request: each streamed choice carries its new `token_ids`
 
 Options shape misbehaviour: --die-after N (exit hard after N generations), --delay S,
 --spawn-children (a child, a grandchild and a child in its own session that ignores
@@ -28,7 +30,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ARGS = None
-STATE = {"served": 0, "drafts": 0, "accepted": 0, "draft_tokens": 0, "t0": time.time()}
+STATE = {"served": 0, "drafts": 0, "accepted": 0, "draft_tokens": 0, "per_pos": [], "t0": time.time()}
 LOCK = threading.Lock()
 
 
@@ -91,6 +93,8 @@ class Handler(BaseHTTPRequestHandler):
                                          "last_gen_throughput": 1.0}],
                     "version": "0.5.23"}
             return self._json(info)
+        if self.path == "/version":
+            return self._json({"version": "0.0.0-stand-in"})
         if self.path == "/v1/models":
             return self._json({"object": "list", "data": [{"id": "stand-in", "object": "model", "owned_by": "me"}]})
         if self.path == "/metrics" and ARGS.vllm_metrics:
@@ -101,7 +105,8 @@ class Handler(BaseHTTPRequestHandler):
                 f"vllm:spec_decode_num_drafts_total{lab} {float(STATE['drafts'])}",
                 f"vllm:spec_decode_num_draft_tokens_total{lab} {float(STATE['draft_tokens'])}",
                 f"vllm:spec_decode_num_accepted_tokens_total{lab} {float(STATE['accepted'])}",
-                f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{engine="0",model_name="stand-in",position="0"}} 1.0',
+                *[f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{engine="0",model_name="stand-in",position="{j}"}} '
+                  f"{float(v)}" for j, v in enumerate(STATE["per_pos"] or [0] * ARGS.num_spec)],
                 f"vllm:num_requests_running{lab} 0.0", ""])
             body = text.encode()
             self.send_response(200)
@@ -146,14 +151,24 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:  # what vLLM counts: drafts = verification steps, accepted = extra tokens
                 STATE["drafts"] += verify
                 STATE["accepted"] += n - verify
-                STATE["draft_tokens"] += verify * 3
+                STATE["draft_tokens"] += verify * ARGS.num_spec
+                # a chain accepts a prefix: position j counts the steps that accepted more than j
+                # drafts (the n - verify accepted tokens spread as evenly as the chain allows)
+                per = [0] * ARGS.num_spec
+                for step in range(verify):
+                    for j in range(min(ARGS.num_spec, (n - verify) // verify + (step < (n - verify) % verify))):
+                        per[j] += 1
+                STATE["per_pos"] = [a + b for a, b in zip(STATE["per_pos"] or [0] * ARGS.num_spec, per)]
             self._sse_start()
             base = {"id": "cmpl-1", "object": "text_completion", "created": int(time.time()), "model": "stand-in"}
+            out_ids = [(ids[-1] + i) % 1000 for i in range(n)]
             for k in range(n):
                 time.sleep(ARGS.token_delay)
                 fin = ("length" if n >= max_new else "stop") if k == n - 1 else None
-                self._sse({**base, "choices": [{"index": 0, "text": " tok", "logprobs": None, "finish_reason": fin}],
-                           "usage": None})
+                choice = {"index": 0, "text": " tok", "logprobs": None, "finish_reason": fin}
+                if req.get("return_token_ids"):
+                    choice["token_ids"] = [out_ids[k]]
+                self._sse({**base, "choices": [choice], "usage": None})
             self._sse({**base, "choices": [], "usage": {"prompt_tokens": len(ids), "completion_tokens": n,
                                                         "total_tokens": len(ids) + n}})
             self._sse("[DONE]")
@@ -193,6 +208,7 @@ def main():
     ap.add_argument("--token-delay", type=float, default=0.0)
     ap.add_argument("--health-after", type=float, default=0.0)
     ap.add_argument("--vllm-metrics", action="store_true")
+    ap.add_argument("--num-spec", type=int, default=3, help="vLLM's num_speculative_tokens (per-position counters)")
     ap.add_argument("--spawn-children", action="store_true")
     ap.add_argument("--pid-file", default="")
     ap.add_argument("--ignore-term", action="store_true")

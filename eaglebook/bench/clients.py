@@ -183,7 +183,7 @@ class OpenAIClient:
 
     def __init__(self, base_url: str, name: str = "OpenAI-compatible server", model: str | None = None,
                  api_key: str | None = None, timeout: float = 600.0, ignore_eos: bool = False,
-                 per_request_metrics: bool = True):
+                 per_request_metrics: bool = True, extra_body: dict | None = None):
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
@@ -191,6 +191,7 @@ class OpenAIClient:
         self.name, self.model, self.timeout, self.ignore_eos = name, model, timeout, ignore_eos
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         self.per_request_metrics = per_request_metrics
+        self.extra_body = dict(extra_body or {})  # e.g. vLLM's {"return_token_ids": True}: output ids come back
         self.metrics_available = False
         self.server = None
         self._oa = self._http = None
@@ -231,8 +232,8 @@ class OpenAIClient:
 
         before = await self.metrics() if (self.metrics_available and self.per_request_metrics) else None
         t0 = time.perf_counter()
-        ttft, text, finish, usage = None, [], None, None
-        extra = {"ignore_eos": True} if self.ignore_eos else None
+        ttft, text, finish, usage, out_ids = None, [], None, None, None
+        extra = {**self.extra_body, **({"ignore_eos": True} if self.ignore_eos else {})} or None
         try:
             stream = await self._oa.completions.create(model=self.model, prompt=list(ids), max_tokens=int(max_new_tokens),
                                                        temperature=0.0, stream=True,
@@ -242,6 +243,8 @@ class OpenAIClient:
                     if ch.text and ttft is None:
                         ttft = time.perf_counter() - t0
                     text.append(ch.text or "")
+                    if getattr(ch, "token_ids", None) is not None:  # vLLM's return_token_ids: the new ids
+                        out_ids = (out_ids or []) + list(ch.token_ids)
                     finish = ch.finish_reason or finish
                 if chunk.usage is not None:
                     usage = chunk.usage
@@ -260,7 +263,7 @@ class OpenAIClient:
             if after and "vllm:spec_decode_num_drafts" in after:
                 verify = int(round(after["vllm:spec_decode_num_drafts"] - before.get("vllm:spec_decode_num_drafts", 0)))
         return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                "verify_ct": verify or None, "finish_reason": finish, "text": "".join(text), "output_ids": None,
+                "verify_ct": verify or None, "finish_reason": finish, "text": "".join(text), "output_ids": out_ids,
                 "latency_s": latency, "ttft_s": ttft}
 
 

