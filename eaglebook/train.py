@@ -61,17 +61,26 @@ class TTTStats:
     chain_ok: torch.Tensor = None  # positions where all steps < k were right (denominator of cond acc)
     chain_correct: torch.Tensor = None  # ... and step k right too
     dropped: int = 0  # trained positions (step 0) whose teacher argmax is outside the draft vocab
-    loss_steps: torch.Tensor = None  # summed per-step loss (for averaging across batches)
+    loss_steps: torch.Tensor = None  # per-step loss summed over the positions it averaged
+    loss_tokens: torch.Tensor = None  # ... and those positions: loss_k = loss_steps / loss_tokens
     batches: int = 0
+
+    COUNTS = ("trained", "correct", "chain_ok", "chain_correct", "loss_steps", "loss_tokens")
 
     def __post_init__(self):
         z = lambda: torch.zeros(self.ttt_steps, dtype=torch.float64)  # noqa: E731
-        for name in ("trained", "correct", "chain_ok", "chain_correct", "loss_steps"):
+        for name in self.COUNTS:
             if getattr(self, name) is None:
                 setattr(self, name, z())
 
+    def add_loss(self, k: int, loss: torch.Tensor, positions: torch.Tensor) -> None:
+        """Record step k's mean loss over `positions` positions (a per-position mean, however batched)."""
+        n = positions.sum().item()
+        self.loss_steps[k] += loss.item() * n
+        self.loss_tokens[k] += n
+
     def add(self, other: "TTTStats") -> None:
-        for name in ("trained", "correct", "chain_ok", "chain_correct", "loss_steps"):
+        for name in self.COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.dropped += other.dropped
         self.batches += other.batches
@@ -81,7 +90,7 @@ class TTTStats:
         cond = (self.chain_correct / self.chain_ok.clamp(min=1)).tolist()
         out = {f"{prefix}acc_{k}": a for k, a in enumerate(acc)}
         out.update({f"{prefix}cond_acc_{k}": c for k, c in enumerate(cond)})
-        out.update({f"{prefix}loss_{k}": (self.loss_steps[k] / max(1, self.batches)).item()
+        out.update({f"{prefix}loss_{k}": (self.loss_steps[k] / self.loss_tokens[k].clamp(min=1)).item()
                     for k in range(self.ttt_steps)})
         out[f"{prefix}tau_sim"] = tau_sim(cond)
         t0 = self.trained[0].item()
@@ -159,7 +168,7 @@ def ttt_forward(draft: Eagle3Draft, batch: dict, lm_head_weight: torch.Tensor, t
             stats.correct[k] += right.sum().item()
             stats.chain_ok[k] += (chain & valid).sum().item()
             stats.chain_correct[k] += (chain & right).sum().item()
-            stats.loss_steps[k] += loss_k.item()
+            stats.add_loss(k, loss_k, use)
             chain = chain & right
             if k == 0:
                 stats.dropped += (valid & ~tin).sum().item()
@@ -207,7 +216,7 @@ def eagle1_forward(draft: Eagle1Draft, batch: dict, lm_head_weight: torch.Tensor
         stats.correct[0] += right.sum().item()
         stats.chain_ok[0] += valid.sum().item()
         stats.chain_correct[0] += right.sum().item()
-        stats.loss_steps[0] += loss.item()
+        stats.add_loss(0, loss, valid)
     return loss, stats, [out.logits]
 
 
@@ -274,7 +283,7 @@ def _all_reduce_stats(stats: TTTStats) -> TTTStats:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return stats
-    names = ("trained", "correct", "chain_ok", "chain_correct", "loss_steps")
+    names = TTTStats.COUNTS
     flat = torch.cat([getattr(stats, n) for n in names] + [torch.tensor([stats.dropped, stats.batches],
                                                                        dtype=torch.float64)])
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -427,10 +436,35 @@ class EagleTrainer(Trainer):
             self._running = TTTStats(self.ttt_steps)
         super().log(logs, *args, **kwargs)
 
+    def eval_shard_loader(self, eval_dataset=None) -> torch.utils.data.DataLoader:
+        """This rank's share of the evaluation set: sequences rank, rank + W, rank + 2W, ... of W ranks,
+        so over all ranks every sequence is evaluated exactly once.
+
+        Not the Trainer's own eval loader: accelerate evens out the ranks' batches by repeating
+        sequences from the start of the set, which is harmless for a mean loss but counts those
+        sequences twice in the summed accuracy counts. Evaluation runs the bare loss module (no
+        collective inside the forward), so ranks may hold different numbers of batches.
+        """
+        ds = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(ds, str):
+            ds = self.eval_dataset[ds]
+        if ds is None:
+            raise ValueError("evaluation needs an eval_dataset (EagleTrainer(eval_dataset=...) or evaluate(...))")
+        rank, world = self.args.process_index, self.args.world_size
+        if isinstance(ds, torch.utils.data.IterableDataset):
+            ds = _EveryNth(ds, rank, world)
+        elif world > 1:
+            ds = torch.utils.data.Subset(ds, range(rank, len(ds), world))
+        return torch.utils.data.DataLoader(ds, batch_size=self.args.eval_batch_size, collate_fn=self.data_collator,
+                                           num_workers=self.args.dataloader_num_workers,
+                                           pin_memory=self.args.dataloader_pin_memory and self.args.device.type == "cuda")
+
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """Per-step accuracy, conditional accuracy and tau_sim on held-out data (summed over ranks)."""
-        loader = self.get_eval_dataloader(eval_dataset)
+        """Per-step accuracy, conditional accuracy, loss and tau_sim on held-out data: each rank
+        evaluates its own share (`eval_shard_loader`) and the counts are summed over ranks, so the
+        metrics are those of one process evaluating the whole set."""
+        loader = self.eval_shard_loader(eval_dataset)
         module = self._loss_module()
         was_training = module.training
         module.eval()
@@ -448,6 +482,18 @@ class EagleTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+class _EveryNth(torch.utils.data.IterableDataset):
+    """Items rank, rank + world, ... of an iterable dataset (a rank's share, each item once)."""
+
+    def __init__(self, dataset, rank: int, world: int):
+        self.dataset, self.rank, self.world = dataset, rank, world
+
+    def __iter__(self):
+        for i, item in enumerate(self.dataset):
+            if i % self.world == self.rank:
+                yield item
 
 
 def check_feature_layers(draft, *datasets) -> None:
