@@ -185,16 +185,20 @@ def eagle1_forward(draft: Eagle1Draft, batch: dict, lm_head_weight: torch.Tensor
     (smooth-L1, weight v_w) and, through the target's lm_head, the target's distribution at
     t+1 (soft cross-entropy, weight p_w), on trained tokens x_{t+2}. Both losses send
     gradients into the draft (BaldEagle's detached classification loss trained nothing).
-    `noise`: EAGLE-1's feature noise while training: uniform, (rand - 0.5) * noise * 512 / T added
-    to the input features (EAGLE-1 trains with noise 0.2); off in eval mode.
+    `noise`: EAGLE-1's feature noise while training: uniform, (rand - 0.5) * noise * 512 / L added
+    to the input features, L being each row's own length (real tokens, not the padded batch
+    length: a row gets the same noise whatever it is batched with); EAGLE-1 trains with noise 0.2.
+    Off in eval mode.
     """
     ids, final = batch["input_ids"], batch["final_hidden"]
     B, T = ids.shape
     dev = ids.device
-    trained = batch["loss_mask"].bool() & batch["attention_mask"].bool()
+    real = batch["attention_mask"].bool()
+    trained = batch["loss_mask"].bool() & real
     feats = final.to(draft.fc.weight.dtype)
     if noise and draft.training:
-        feats = feats + (torch.rand_like(feats) - 0.5) * (noise * 512 / T)
+        lengths = real.sum(1).clamp(min=1).to(feats.dtype)[:, None, None]  # [B,1,1]
+        feats = feats + (torch.rand_like(feats) - 0.5) * (noise * 512 / lengths)
     n = T - 2
     inp = torch.zeros_like(ids)
     inp[:, : T - 1] = ids[:, 1:]
