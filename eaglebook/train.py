@@ -61,17 +61,26 @@ class TTTStats:
     chain_ok: torch.Tensor = None  # positions where all steps < k were right (denominator of cond acc)
     chain_correct: torch.Tensor = None  # ... and step k right too
     dropped: int = 0  # trained positions (step 0) whose teacher argmax is outside the draft vocab
-    loss_steps: torch.Tensor = None  # summed per-step loss (for averaging across batches)
+    loss_steps: torch.Tensor = None  # per-step loss summed over the positions it averaged
+    loss_tokens: torch.Tensor = None  # ... and those positions: loss_k = loss_steps / loss_tokens
     batches: int = 0
+
+    COUNTS = ("trained", "correct", "chain_ok", "chain_correct", "loss_steps", "loss_tokens")
 
     def __post_init__(self):
         z = lambda: torch.zeros(self.ttt_steps, dtype=torch.float64)  # noqa: E731
-        for name in ("trained", "correct", "chain_ok", "chain_correct", "loss_steps"):
+        for name in self.COUNTS:
             if getattr(self, name) is None:
                 setattr(self, name, z())
 
+    def add_loss(self, k: int, loss: torch.Tensor, positions: torch.Tensor) -> None:
+        """Record step k's mean loss over `positions` positions (a per-position mean, however batched)."""
+        n = positions.sum().item()
+        self.loss_steps[k] += loss.item() * n
+        self.loss_tokens[k] += n
+
     def add(self, other: "TTTStats") -> None:
-        for name in ("trained", "correct", "chain_ok", "chain_correct", "loss_steps"):
+        for name in self.COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.dropped += other.dropped
         self.batches += other.batches
@@ -81,7 +90,7 @@ class TTTStats:
         cond = (self.chain_correct / self.chain_ok.clamp(min=1)).tolist()
         out = {f"{prefix}acc_{k}": a for k, a in enumerate(acc)}
         out.update({f"{prefix}cond_acc_{k}": c for k, c in enumerate(cond)})
-        out.update({f"{prefix}loss_{k}": (self.loss_steps[k] / max(1, self.batches)).item()
+        out.update({f"{prefix}loss_{k}": (self.loss_steps[k] / self.loss_tokens[k].clamp(min=1)).item()
                     for k in range(self.ttt_steps)})
         out[f"{prefix}tau_sim"] = tau_sim(cond)
         t0 = self.trained[0].item()
@@ -159,7 +168,7 @@ def ttt_forward(draft: Eagle3Draft, batch: dict, lm_head_weight: torch.Tensor, t
             stats.correct[k] += right.sum().item()
             stats.chain_ok[k] += (chain & valid).sum().item()
             stats.chain_correct[k] += (chain & right).sum().item()
-            stats.loss_steps[k] += loss_k.item()
+            stats.add_loss(k, loss_k, use)
             chain = chain & right
             if k == 0:
                 stats.dropped += (valid & ~tin).sum().item()
@@ -176,16 +185,20 @@ def eagle1_forward(draft: Eagle1Draft, batch: dict, lm_head_weight: torch.Tensor
     (smooth-L1, weight v_w) and, through the target's lm_head, the target's distribution at
     t+1 (soft cross-entropy, weight p_w), on trained tokens x_{t+2}. Both losses send
     gradients into the draft (BaldEagle's detached classification loss trained nothing).
-    `noise`: EAGLE-1's feature noise while training: uniform, (rand - 0.5) * noise * 512 / T added
-    to the input features (EAGLE-1 trains with noise 0.2); off in eval mode.
+    `noise`: EAGLE-1's feature noise while training: uniform, (rand - 0.5) * noise * 512 / L added
+    to the input features, L being each row's own length (real tokens, not the padded batch
+    length: a row gets the same noise whatever it is batched with); EAGLE-1 trains with noise 0.2.
+    Off in eval mode.
     """
     ids, final = batch["input_ids"], batch["final_hidden"]
     B, T = ids.shape
     dev = ids.device
-    trained = batch["loss_mask"].bool() & batch["attention_mask"].bool()
+    real = batch["attention_mask"].bool()
+    trained = batch["loss_mask"].bool() & real
     feats = final.to(draft.fc.weight.dtype)
     if noise and draft.training:
-        feats = feats + (torch.rand_like(feats) - 0.5) * (noise * 512 / T)
+        lengths = real.sum(1).clamp(min=1).to(feats.dtype)[:, None, None]  # [B,1,1]
+        feats = feats + (torch.rand_like(feats) - 0.5) * (noise * 512 / lengths)
     n = T - 2
     inp = torch.zeros_like(ids)
     inp[:, : T - 1] = ids[:, 1:]
@@ -207,7 +220,7 @@ def eagle1_forward(draft: Eagle1Draft, batch: dict, lm_head_weight: torch.Tensor
         stats.correct[0] += right.sum().item()
         stats.chain_ok[0] += valid.sum().item()
         stats.chain_correct[0] += right.sum().item()
-        stats.loss_steps[0] += loss.item()
+        stats.add_loss(0, loss, valid)
     return loss, stats, [out.logits]
 
 
@@ -274,7 +287,7 @@ def _all_reduce_stats(stats: TTTStats) -> TTTStats:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return stats
-    names = ("trained", "correct", "chain_ok", "chain_correct", "loss_steps")
+    names = TTTStats.COUNTS
     flat = torch.cat([getattr(stats, n) for n in names] + [torch.tensor([stats.dropped, stats.batches],
                                                                        dtype=torch.float64)])
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -427,10 +440,35 @@ class EagleTrainer(Trainer):
             self._running = TTTStats(self.ttt_steps)
         super().log(logs, *args, **kwargs)
 
+    def eval_shard_loader(self, eval_dataset=None) -> torch.utils.data.DataLoader:
+        """This rank's share of the evaluation set: sequences rank, rank + W, rank + 2W, ... of W ranks,
+        so over all ranks every sequence is evaluated exactly once.
+
+        Not the Trainer's own eval loader: accelerate evens out the ranks' batches by repeating
+        sequences from the start of the set, which is harmless for a mean loss but counts those
+        sequences twice in the summed accuracy counts. Evaluation runs the bare loss module (no
+        collective inside the forward), so ranks may hold different numbers of batches.
+        """
+        ds = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(ds, str):
+            ds = self.eval_dataset[ds]
+        if ds is None:
+            raise ValueError("evaluation needs an eval_dataset (EagleTrainer(eval_dataset=...) or evaluate(...))")
+        rank, world = self.args.process_index, self.args.world_size
+        if isinstance(ds, torch.utils.data.IterableDataset):
+            ds = _EveryNth(ds, rank, world)
+        elif world > 1:
+            ds = torch.utils.data.Subset(ds, range(rank, len(ds), world))
+        return torch.utils.data.DataLoader(ds, batch_size=self.args.eval_batch_size, collate_fn=self.data_collator,
+                                           num_workers=self.args.dataloader_num_workers,
+                                           pin_memory=self.args.dataloader_pin_memory and self.args.device.type == "cuda")
+
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """Per-step accuracy, conditional accuracy and tau_sim on held-out data (summed over ranks)."""
-        loader = self.get_eval_dataloader(eval_dataset)
+        """Per-step accuracy, conditional accuracy, loss and tau_sim on held-out data: each rank
+        evaluates its own share (`eval_shard_loader`) and the counts are summed over ranks, so the
+        metrics are those of one process evaluating the whole set."""
+        loader = self.eval_shard_loader(eval_dataset)
         module = self._loss_module()
         was_training = module.training
         module.eval()
@@ -448,6 +486,18 @@ class EagleTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+class _EveryNth(torch.utils.data.IterableDataset):
+    """Items rank, rank + world, ... of an iterable dataset (a rank's share, each item once)."""
+
+    def __init__(self, dataset, rank: int, world: int):
+        self.dataset, self.rank, self.world = dataset, rank, world
+
+    def __iter__(self):
+        for i, item in enumerate(self.dataset):
+            if i % self.world == self.rank:
+                yield item
 
 
 def check_feature_layers(draft, *datasets) -> None:
@@ -522,20 +572,71 @@ def draft_parameter_count(config, draft_vocab_size: int) -> int:
     return 3 * h * h + layer + h + draft_vocab_size * h
 
 
+def ttt_activation_bytes(config, max_length: int = 2048, batch_size: int = 1, ttt_steps: int = 7,
+                         draft_vocab_size: int = 32000) -> dict[str, int]:
+    """Bytes the TTT unroll of an EAGLE-3 head (float32 weights, bfloat16 autocast) keeps for the
+    backward pass, by kind, for a batch of `batch_size` x `max_length` tokens. Per token, per step k:
+
+    - decoder layer: the inputs autocast casts to bfloat16 for q/k/v (2H each), gate/up and lm_head
+      (H each) and down (I); six float32 H-wide tensors of the RMSNorms (the residual stream is
+      float32); gate, act(gate) and up outputs (I each, bfloat16); rotary cos/sin (2 x head_dim,
+      float32), attention log-sum-exp (heads x 4 B), norm scales and the step's loss mask:
+      42H + 8I + 8 head_dim + 4 heads + 13 B; the first two steps keep 4H B more (step 0 fc's 3H-wide
+      bfloat16 input, step 1 one more float32 feature), step 0's cos/sin are bfloat16 (4 head_dim B less);
+    - attention: the query and the output (q wide, bfloat16) and the keys and values *expanded to every
+      query head* (repeat_kv before SDPA), over the k+1 blocks of keys step k attends: 4q(k+2) B,
+      2q K(K+3) over the steps. With a single K/V head the expansion is a free view where no cast
+      follows: values (bfloat16 already) and step 0's keys stay kv wide (the later keys, float32 from
+      the float32 rotary, are cast to a full-width bfloat16 copy);
+    - attention mask: step k's additive bfloat16 mask, T x (k+1)T per batch (shared by its rows),
+      K(K+1) T^2 over the steps;
+    - draft logits: the float32 log-softmax and the teacher's probabilities, Vd x 8 B.
+    """
+    from .hidden_states import _cfg
+
+    c = _cfg(config)
+    h, i, hd, heads = c["hidden_size"], c["intermediate_size"], c["head_dim"], c["num_attention_heads"]
+    q, kv = heads * hd, c["num_key_value_heads"] * hd
+    K, T, tokens = ttt_steps, max_length, max_length * batch_size
+    layer = K * (42 * h + 8 * i + 8 * hd + 4 * heads + 13) + 4 * h * min(K, 2) - 4 * hd
+    blocks = K * (K + 1) // 2  # key blocks attended, summed over the steps
+    if c["num_key_value_heads"] == 1:
+        keys, values = q * (blocks - 1) + kv, kv * blocks
+    else:
+        keys = values = q * blocks
+    return {"decoder layer": tokens * layer,
+            "attention (query, output, K/V expanded to all heads)": tokens * 2 * (2 * q * K + keys + values),
+            "attention masks": K * (K + 1) * T * T,
+            "draft logits (log-softmax, teacher probs)": tokens * K * draft_vocab_size * 8}
+
+
 def plan_training_memory(config=None, gpu_gib: float = 24.0, max_length: int = 2048, batch_size: int = 1,
                          ttt_steps: int = 7, draft_vocab_size: int = 32000, optim: str = "adamw_bnb_8bit",
-                         target_load: str = "head", target_dtype_bytes: int = 2, reserve_gib: float = 1.0) -> dict:
-    """What TTT training holds on one GPU, term by term with the arithmetic, and whether it fits.
+                         target_load: str = "head", target_dtype_bytes: int = 2, reserve_gib: float = 2.0) -> dict:
+    """What TTT training holds on one GPU at its peak, term by term with the arithmetic, and whether it fits.
 
     target_load "head": what `eaglebook train` loads (`load_target_head`): the target's embedding and
     lm_head only, in `target_dtype_bytes`; "full": the whole target in float32 (the old path, for
-    comparison). The head trains in float32 under bf16 autocast: weights, gradients and optimizer
-    state per trainable parameter, plus its frozen float32 copy of the embedding. Activations per
-    token and TTT step: the draft logits' chain (bf16 logits, their float32 copy, log-softmax, the
-    step's teacher slice and its exp: Vd x 18 B) and the decoder layer's saved tensors in bf16; once per
-    token the float32 features (4H) and the teacher's log-probs (Vd x 4 B), and the full-vocabulary
-    teacher logits (V x 2 B) transiently. These are estimates; torch.cuda.max_memory_allocated on the
-    real GPU confirms them.
+    comparison). The head trains in float32 under bf16 autocast (the Trainer's mixed precision):
+    weights, gradients (kept across accumulated micro-batches) and optimizer state per trainable
+    parameter, its frozen float32 copy of the embedding, and autocast's bfloat16 copy of every
+    linear weight (cached for the whole forward pass).
+
+    Activations peak at the end of the forward pass: what the unroll saves for backward
+    (`ttt_activation_bytes`: the decoder layer per step, the attention's query/output and the K/V
+    expanded to all heads, growing with each step, the masks, the log-probs), the float32 batch of
+    features (4H per token), the bf16 draft logits of every step that the forward returns, and then
+    the larger of: the float32 copies the mixed-precision wrapper makes of those returned logits
+    (Vd x 4 B per token and step), or the last step's float32 temporaries, teacher log-probs and the
+    float32 KV cache. The teacher's full-vocabulary logits (V x 2 B per token) come and go before
+    the unroll, below that peak.
+
+    `reserve_gib` covers what no tensor term counts: the CUDA context, kernel workspaces and the
+    caching allocator's slack as the unroll's tensors grow step by step. The tensor terms were checked
+    against the CPU allocator's peak of a real training step (tests/test_train_memory.py), and the total
+    against a run measured on one H200 at the Llama-3.1-8B shape, rtx3090 profile: 21.85 GiB 8-bit Adam,
+    24.20 GiB AdamW. The tensor terms give 19.99 and 22.36 GiB there; the differences, 1.86 and
+    1.84 GiB, the same for both optimizers, are what the 2 GiB default reserve stands for.
     """
     from .hidden_states import GIB, LLAMA_3_1_8B, _cfg, param_count
 
@@ -544,9 +645,10 @@ def plan_training_memory(config=None, gpu_gib: float = 24.0, max_length: int = 2
         raise ValueError(f"optim {optim!r}: one of {sorted(OPTIMIZER_BYTES)}")
     if target_load not in ("head", "full"):
         raise ValueError("target_load is 'head' (embedding + lm_head) or 'full' (the whole target, float32)")
-    h, i, v, hd = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["head_dim"]
-    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    P = draft_parameter_count(c, draft_vocab_size)
+    h, v, K, Vd = c["hidden_size"], c["vocab_size"], ttt_steps, draft_vocab_size
+    kv = c["num_key_value_heads"] * c["head_dim"]
+    P = draft_parameter_count(c, Vd)
+    linear = P - 4 * h  # all but the four RMSNorm weights go through autocast's bfloat16 cast
     tied = bool(c.get("tie_word_embeddings"))
     terms = {}
     if target_load == "head":
@@ -561,19 +663,31 @@ def plan_training_memory(config=None, gpu_gib: float = 24.0, max_length: int = 2
     ob = OPTIMIZER_BYTES[optim]
     terms[f"optimizer state ({optim})"] = (ob * P, f"{P:,} x {ob} B")
     terms["head's frozen embedding (float32)"] = (4 * v * h, f"{v:,} x {h} x 4 B")
+    terms["autocast bfloat16 weight copies"] = (2 * linear, f"{linear:,} linear weights x 2 B")
     tokens = max_length * batch_size
-    per_step = draft_vocab_size * 18 + (2 * h + q + 2 * kv + q + 4 * h + 3 * i) * 2
-    once = 4 * h * 4 + draft_vocab_size * 4
-    terms["activations"] = (tokens * (ttt_steps * per_step + once),
-                            f"{tokens:,} tokens x ({ttt_steps} steps x {per_step / 1024:.0f} KiB + {once / 1024:.0f} KiB)")
-    terms["teacher logits (transient)"] = (tokens * v * 2, f"{tokens:,} x {v:,} x 2 B")
-    terms["CUDA context and allocator"] = (reserve_gib * GIB, f"{reserve_gib} GiB")
-    total = sum(b for b, _ in terms.values())
+    saved = ttt_activation_bytes(c, max_length, batch_size, K, Vd)
+    for name, b in saved.items():
+        why = (f"sum over steps k < {K} of {max_length:,} x (k+1) x {max_length:,} x 2 B" if name == "attention masks"
+               else f"{tokens:,} tokens x {b / tokens / 1024:,.1f} KiB ({K} steps)")
+        terms[f"saved: {name}"] = (b, why)
+    terms["features (float32 batch)"] = (tokens * 16 * h, f"{tokens:,} x 4H x 4 B")
+    terms["draft logits returned (bfloat16)"] = (tokens * K * Vd * 2, f"{tokens:,} x {K} steps x {Vd:,} x 2 B")
+    cast, temps = tokens * K * Vd * 4, tokens * (16 * Vd + 8 * K * kv)
+    if cast >= temps:
+        terms["float32 copies of the returned logits"] = (cast, f"{tokens:,} x {K} steps x {Vd:,} x 4 B")
+    else:
+        terms["last step's float32 logits, teacher log-probs, KV cache"] = (
+            temps, f"{tokens:,} x ({Vd:,} x 16 B + {K} x {kv} x 8 B)")
+    peak = sum(b for b, _ in terms.values())
+    terms["CUDA context, workspaces, allocator slack"] = (reserve_gib * GIB, f"{reserve_gib} GiB")
+    total = peak + reserve_gib * GIB
     lines = [f"{k}: {why} = {b / GIB:.2f} GiB" for k, (b, why) in terms.items()]
-    lines.append(f"total {total / GIB:.2f} GiB of {gpu_gib} GiB: " + ("fits" if total <= gpu_gib * GIB else "does NOT fit"))
+    fits = total <= gpu_gib * GIB
+    lines.append(f"total {total / GIB:.2f} GiB of {gpu_gib} GiB: "
+                 + (f"fits, {gpu_gib - total / GIB:.2f} GiB to spare" if fits else "does NOT fit"))
     return {"model": c.get("name", "target"), "gpu_gib": gpu_gib, "trainable_params": P,
-            "terms_gib": {k: b / GIB for k, (b, _) in terms.items()}, "total_gib": total / GIB,
-            "fits": total <= gpu_gib * GIB, "arithmetic": lines}
+            "terms_gib": {k: b / GIB for k, (b, _) in terms.items()}, "peak_allocated_gib": peak / GIB,
+            "total_gib": total / GIB, "headroom_gib": gpu_gib - total / GIB, "fits": fits, "arithmetic": lines}
 
 
 def _default_reporters() -> list[str]:

@@ -261,3 +261,33 @@ def test_eagle1_losses_both_send_gradients_and_training_fits(tmp_path):
     after = trainer.evaluate()
     assert after["eval_loss"] < 0.8 * before["eval_loss"]
     assert after["eval_acc_0"] > before["eval_acc_0"]
+
+
+def test_eagle1_feature_noise_scales_with_each_rows_own_length():
+    """EAGLE-1's training noise is uniform in +-noise*256/L for a row of L real tokens, whatever the
+    other rows of its batch are: a short row batched with a long one gets the noise it gets alone."""
+    from eaglebook.draft import build_eagle1_draft
+    from eaglebook.train import eagle1_forward
+
+    target = _target(seed=7)
+    g = torch.Generator().manual_seed(0)
+    short, long_ = (features(target, torch.randint(0, 512, (1, n), generator=g))[0][0] for n in (12, 48))
+    draft = build_eagle1_draft(target).train()
+    entering = []  # the features the head reads: the stored ones plus the noise
+    draft.register_forward_pre_hook(lambda module, args: entering.append(args[1].detach().clone()))
+    noise = 0.2
+
+    def largest_noise(rows, i):
+        batch = collate(rows)
+        entering.clear()
+        eagle1_forward(draft, batch, target.lm_head.weight, noise=noise)
+        n = int(batch["attention_mask"][i].sum())
+        return (entering[0][i, :n] - batch["final_hidden"][i, :n]).abs().max().item(), n
+
+    torch.manual_seed(0)
+    for rows, i in (([short], 0), ([short, long_], 0), ([long_, short], 1), ([short, long_], 1)):
+        got, n = largest_noise(rows, i)
+        bound = noise * 256 / n  # |rand - 0.5| <= 0.5; n x 64 draws come close to it
+        assert 0.95 * bound < got <= bound * (1 + 1e-6), (len(rows), i, n, got, bound)
+    draft.eval()
+    assert largest_noise([short], 0)[0] == 0.0  # no noise in eval mode
