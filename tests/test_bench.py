@@ -7,6 +7,7 @@ SGLang launch, real accept lengths) is not tested here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import sys
@@ -354,21 +355,24 @@ def test_inprocess_peers_merged_drafter_and_a_temperature_sweep(smollm2, tmp_pat
                      draft="smollm2-135m-eagle3", json=str(tmp_path / "b.json"))
     res = bench.run_benchmark(args, target=smollm2, progress=False)
     lanes = {r["lane"]: r for r in res["lanes"]}
-    assert list(lanes) == ["baseline", "eagle s3-k2-n5", "eagle s3-k2-n5+ng3", "generate", "prompt_lookup pld3"]
+    assert list(lanes) == ["baseline", "eagle s3-k2-n5", "eagle s3-k2-n5+ng3", "generate", "prompt_lookup pld3-m3"]
     for name, r in lanes.items():
         assert r["requests"] == 2 and r["speedup"] > 0 and r["temperature"] == 0.0
         assert {c["category"] for c in r["per_category"]} == {"writing", "roleplay"}  # round-robin order
         if name != "baseline":
             assert r["checked"] == 2 and r["lossless_ok"] == 2, r
-    assert lanes["generate"]["accept_length"] is None and lanes["prompt_lookup pld3"]["accept_length"] >= 1.0
-    assert res["head_to_head"]["prompts"] == 2
+    assert lanes["generate"]["accept_length"] is None and lanes["prompt_lookup pld3-m3"]["accept_length"] >= 1.0
+    assert res["head_to_head"]["prompts"] == 2 and res["head_to_head"]["b_label"] == "EAGLE"
+    assert [(h["a_label"], h["b_label"]) for h in res["head_to_heads"]] == [
+        ("prompt lookup", "EAGLE"), ("merged drafter", "EAGLE"), ("merged drafter", "prompt lookup")]
     temps = {(r["temperature"], r["lane"]) for r in res["temperatures"]}
     assert temps == {(t, lane) for t in (0.0, 0.8) for lane in lanes}
     sampled = [r for r in res["requests"] if r["temperature"] == 0.8]
     assert len(sampled) == 2 * len(lanes) and all(r["identical"] is None for r in sampled)  # no identity when sampling
     assert res["summary"]["paired_requests"] == 2  # the main summary is the greedy run
     printed = bench.format_summary(res)
-    assert "prompt_lookup pld3" in printed and "T=0.8" in printed
+    assert "prompt_lookup pld3-m3" in printed and "T=0.8" in printed
+    assert "merged drafter faster than prompt lookup" in printed
 
 
 def test_bad_sampling_and_peer_flags_are_clear_errors():
@@ -426,3 +430,104 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
     other = subprocess.run(cmd[:-2] + ["--json", str(out), "--resume", "--max_new_tokens", "16"],
                            capture_output=True, text=True, timeout=300)
     assert other.returncode == 1 and "other arguments (max_new_tokens)" in other.stderr
+
+
+@needs_decode
+def test_peer_lanes_ignore_the_targets_generation_config_and_count_every_verification(tiny_llama, smollm2_tokenizer):
+    """transformers' generate() fills every field a config leaves unset from the target's
+    generation_config (a hub target's advice: sampling, top-k, min-p, a repetition penalty). The
+    peer lanes pin neutral ones, so such advice changes neither their greedy output nor their
+    samples for a given seed. Prompt lookup matches suffixes of up to ngram_max tokens (recorded),
+    and its verification count is every target forward: transformers' first forward takes the
+    prompt and the first draft together, and each forward yields at least one token."""
+    tok = smollm2_tokenizer
+    greedy = bench.make_inprocess_lanes(tiny_llama, tok, None, [], peers=True, prompt_lookup=(3,), ngram_max=3)
+    sampled = bench.make_inprocess_lanes(tiny_llama, tok, None, [], peers=True, prompt_lookup=(3,), temperature=1.0,
+                                         ngram_max=3)
+    assert [(ln.mode, ln.config) for ln in greedy] == [("baseline", ""), ("generate", ""), ("prompt_lookup", "pld3-m3")]
+    info = asyncio.run(greedy[2].client.server_info())
+    assert info["generation_config"]["max_matching_ngram_size"] == 3
+    assert info["generation_config"]["repetition_penalty"] == 1.0
+    ids = bench.render_ids(tok, [{"role": "user", "content": "Repeat: alpha beta gamma, alpha beta gamma."}])
+
+    def outputs():
+        return ([asyncio.run(ln.client.generate(ids, 12))["output_ids"] for ln in greedy[1:]]
+                + [asyncio.run(ln.client.generate(ids, 12, seed=5))["output_ids"] for ln in sampled[1:]])
+
+    neutral = outputs()
+    own = tiny_llama.generation_config
+    tiny_llama.generation_config = type(own)(do_sample=True, temperature=0.6, top_p=0.9, top_k=5, min_p=0.2,
+                                             repetition_penalty=1.5, no_repeat_ngram_size=2)
+    try:
+        advised = outputs()
+    finally:
+        tiny_llama.generation_config = own
+    assert advised == neutral
+    assert all(neutral)
+
+    seen = []
+    hook = tiny_llama.register_forward_hook(lambda m, a, kw, out: seen.append(kw["input_ids"].shape[1]),
+                                            with_kwargs=True)
+    try:
+        out = asyncio.run(greedy[2].client.generate(ids, 12))
+    finally:
+        hook.remove()
+    assert seen[0] > len(ids)  # no separate prefill: the prompt and the first draft in one forward
+    assert out["verify_ct"] == len(seen) and out["completion_tokens"] >= out["verify_ct"]
+
+
+@needs_decode
+def test_a_resumed_sampled_run_draws_the_same_samples(tiny_llama, smollm2_tokenizer, tmp_path):
+    """Each sampled request's seed comes from (seed, prompt, turn, lane), not from a counter that
+    the warm-up and the other lanes advance: a run killed after its first prompt and resumed
+    (its warm-up on what is left) draws exactly the samples the uninterrupted run drew."""
+    path = tmp_path / "b.json"
+    args = BenchArgs(suite="mt-bench", limit=3, max_new_tokens=6, warmup=1, sweep="2,2,4", prompt_lookup="3",
+                     temperature=1.0, seed=7, json=str(path))
+    full = bench.run_benchmark(args, target=(tiny_llama, smollm2_tokenizer), progress=False)
+    first = full["requests"][0]["prompt_id"]
+    saved = json.loads(path.read_text())
+    saved["requests"] = [r for r in saved["requests"] if r["prompt_id"] == first]  # killed after prompt 1
+    saved["complete"] = False
+    path.write_text(json.dumps(saved))
+    resumed = bench.run_benchmark(dataclasses.replace(args, resume=True), target=(tiny_llama, smollm2_tokenizer),
+                                  progress=False)
+
+    def samples(res):
+        return {(r["prompt_id"], r["mode"], r["config"]): (r["completion_tokens"], r["text"]) for r in res["requests"]}
+
+    assert len(samples(full)) == 3 * 4  # 3 prompts x (baseline, EAGLE, generate(), prompt lookup)
+    assert samples(resumed) == samples(full)
+    lanes_of_first = [v for (p, _, _), v in samples(full).items() if p == first]
+    assert len(set(lanes_of_first)) > 1  # lanes draw their own samples
+
+
+@needs_decode
+def test_a_prompts_file_is_named_hashed_and_checked_on_resume(tiny_llama, smollm2_tokenizer, tmp_path, capsys):
+    """`--prompts FILE` records the file's name and sha256 (not the default suite) and prints
+    them; a resumed run accepts the same bytes anywhere, and refuses another file of that name."""
+    import hashlib
+    import shutil
+
+    f = tmp_path / "gsm8k.jsonl"
+    f.write_text('{"prompt": "What is 2 + 3?"}\n{"prompt": "Name a prime number."}\n')
+    sha = hashlib.sha256(f.read_bytes()).hexdigest()
+    args = BenchArgs(prompts=str(f), max_new_tokens=4, warmup=0, sweep="2,1,3", peers=False,
+                     json=str(tmp_path / "b.json"))
+    target = (tiny_llama, smollm2_tokenizer)
+    res = bench.run_benchmark(args, target=target, progress=False)
+    c = res["config"]
+    assert (c["suite"], c["prompts_file"], c["prompts_sha256"]) == ("jsonl", "gsm8k.jsonl", sha)
+    assert bench.format_summary(res).startswith(f"inprocess · gsm8k.jsonl (sha256 {sha[:12]}) · 2 paired")
+    moved = tmp_path / "elsewhere" / "gsm8k.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(f, moved)
+    again = bench.run_benchmark(dataclasses.replace(args, prompts=str(moved), resume=True), target=target,
+                                progress=False)
+    assert again["requests"] == res["requests"]  # the same bytes: nothing measured again
+    moved.write_text('{"prompt": "What is 7 * 6?"}\n{"prompt": "Name a prime number."}\n')
+    with pytest.raises(BenchError, match=r"it measured gsm8k.jsonl \(sha256 \w{12}\), this run gives "
+                       r"gsm8k.jsonl \(sha256 \w{12}\): another file, or the same one changed"):
+        bench.run_benchmark(dataclasses.replace(args, prompts=str(moved), resume=True), target=target, progress=False)
+    with pytest.raises(BenchError, match="not with --suite humaneval"):
+        bench.run_benchmark(dataclasses.replace(args, suite="humaneval"), target=target, progress=False)

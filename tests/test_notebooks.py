@@ -88,9 +88,9 @@ def check_06(r):
     if r["backend"] == "inprocess":  # the peers ran in the same interleaved run, every lane on every prompt
         lanes = {x["lane"]: x for x in r["lanes"]}
         assert set(lanes) == {"baseline", "eagle s2-k1-n3", "eagle s2-k2-n4", "eagle s2-k1-n3+ng2", "generate",
-                              "prompt_lookup pld3"}
+                              "prompt_lookup pld3-m3"}
         assert all(x["requests"] == 2 and x["speedup"] > 0 for x in lanes.values())
-        assert lanes["prompt_lookup pld3"]["accept_length"] >= 1.0 and lanes["generate"]["accept_length"] is None
+        assert lanes["prompt_lookup pld3-m3"]["accept_length"] >= 1.0 and lanes["generate"]["accept_length"] is None
         if r["dtype"] == "float32":  # greedy, every lane: the baseline's tokens (or a float tie)
             assert all(x["lossless_ok"] == x["checked"] == 2 for x in lanes.values() if x["lane"] != "baseline")
         assert r["head_to_head"]["prompts"] == 2 and "lanes.png" in r["files"]
@@ -108,7 +108,8 @@ def check_06(r):
         assert all(x["lossless_ok"] == x["checked"] for x in rows if x["dtype"] == "float32")
     if (SHIPPED_HEADS["smollm2-135m-eagle3"] / "headline-peers.json").is_file():  # the head beside its peers
         peers = {x["setting"]: x for x in r["peer_rows"]}
-        assert {"transformers generate()", "prompt lookup 3"} <= set(peers) and "headline-peers.png" in r["files"]
+        assert "transformers generate()" in peers and "headline-peers.png" in r["files"]
+        assert any(s.startswith("prompt lookup 3") for s in peers)  # "prompt lookup 3 (match 3)" once rerun
         assert all(x["prompts"] == 80 and x["speedup"] > 0 for x in peers.values())
 
 

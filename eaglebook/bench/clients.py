@@ -270,11 +270,12 @@ class OpenAIClient:
 class InProcessClient:
     """eaglebook's engine (mode "eagle") or its plain greedy baseline (mode "baseline"), in this process.
 
-    `generate_fn(ids, max_new_tokens) -> dict` does the work; `make_inprocess_clients` builds
-    it on the decode engine. Both modes share the target, dtype, threads and forward path.
+    `generate_fn(ids, max_new_tokens, seed) -> dict` does the work (`seed`: a sampled request's
+    own, None when greedy); `make_inprocess_lanes` builds it on the decode engine. Both modes
+    share the target, dtype, threads and forward path.
     """
 
-    def __init__(self, name: str, generate_fn: Callable[[list[int], int], dict], info: dict | None = None):
+    def __init__(self, name: str, generate_fn: Callable[[list[int], int, int | None], dict], info: dict | None = None):
         self.name, self._gen, self._info = name, generate_fn, info or {}
         self.server = None
 
@@ -287,10 +288,10 @@ class InProcessClient:
     async def server_info(self) -> dict:
         return dict(self._info)
 
-    async def generate(self, ids: list[int], max_new_tokens: int) -> dict:
+    async def generate(self, ids: list[int], max_new_tokens: int, seed: int | None = None) -> dict:
         # Synchronous on purpose: timing a CPU decode must not share the cores with anything.
         t0 = time.perf_counter()
-        out = self._gen(list(ids), int(max_new_tokens))
+        out = self._gen(list(ids), int(max_new_tokens), seed)
         out.setdefault("latency_s", time.perf_counter() - t0)
         out.setdefault("ttft_s", None)
         out.setdefault("prompt_tokens", len(ids))

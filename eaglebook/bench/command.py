@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .clients import OpenAIClient, SGLangClient
 from .core import BenchError, DraftSetting
-from .lanes import _Threaded, make_inprocess_lanes, resolve_draft
+from .lanes import _Threaded, inprocess_identity, make_inprocess_lanes, resolve_draft
 from .protocol import Lane, Recorder, _turns_of, run_interleaved, run_phase, warm_up
 from .servers import SGLangConfig, require_sglang, sglang_command, sglang_server
 from .suites import load_suite
@@ -25,7 +25,8 @@ class BenchArgs:
     """Baseline vs EAGLE on a prompt suite: tok/s, speedup, accept_length, per category."""
 
     suite: str = field(default="mt-bench", metadata={"help": "mt-bench | humaneval | sharegpt | jsonl"})
-    prompts: str = field(default="", metadata={"help": "a JSONL of prompts (`prompt`, `turns` or `messages`)"})
+    prompts: str = field(default="", metadata={"help": "a JSONL of prompts (`prompt`, `turns` or `messages`) instead "
+                                                       "of the suite; its name and sha256 are recorded"})
     limit: int = field(default=0, metadata={"help": "first N prompts (0 = all; mt-bench round-robin over categories)"})
     turns: int = field(default=1, metadata={"help": "MT-bench turns to send (2 = second turn on the model's own answer)"})
     backend: str = field(default="inprocess", metadata={"help": "auto | inprocess | sglang | openai | vllm (vLLM-CPU, "
@@ -45,16 +46,21 @@ class BenchArgs:
     prompt_lookup: str = field(default="3 10", metadata={"help": "peers: prompt_lookup_num_tokens values, space-separated"})
     ngram: int = field(default=0, metadata={"help": "in-process: also the merged drafter, this many prompt-lookup "
                                                     "tokens inside the first setting's EAGLE tree (0 = off)"})
+    ngram_max: int = field(default=3, metadata={"help": "in-process: the longest context suffix prompt lookup matches, "
+                                                        "for the merged drafter and transformers' prompt lookup alike "
+                                                        "(its max_matching_ngram_size, 2 by default there)"})
     temperature: float = field(default=0.0, metadata={"help": "in-process: sampling temperature (0 = greedy)"})
     top_p: float = field(default=1.0, metadata={"help": "in-process: nucleus sampling mass"})
     temperatures: str = field(default="", metadata={"help": "in-process: a temperature sweep, e.g. '0 0.7 1.0' "
                                                             "(overrides --temperature)"})
-    seed: int = field(default=0, metadata={"help": "sampling: request i of a lane uses seed+i"})
+    seed: int = field(default=0, metadata={"help": "sampling: each request's seed is derived from this, the prompt, "
+                                                   "the turn and the lane (a resumed run draws the same samples)"})
     stream: bool = field(default=False, metadata={"help": "SGLang: stream to measure TTFT"})
     ignore_eos: bool = field(default=False, metadata={"help": "servers: always generate max_new_tokens"})
     json: str = field(default="", metadata={"help": "results JSON (a CSV of the requests is written beside it)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run saved in --json (same arguments): "
-                                                          "prompts every lane finished are not generated again"})
+    resume: bool = field(default=False, metadata={"help": "continue the run saved in --json (same arguments, target "
+                                                          "and head weights, eaglebook version and prompts): prompts "
+                                                          "every lane finished are not generated again"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = default)"})
     sglang_model: str = field(default="", metadata={"help": "SGLang --model-path (default: the target's folder or id)"})
     port: int = field(default=30000, metadata={"help": "SGLang port (the EAGLE server uses port+1 when together)"})
@@ -150,12 +156,34 @@ def _run_sync(coro_fn):
         return ex.submit(lambda: asyncio.run(coro_fn())).result()
 
 
-def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = True) -> dict:
+def prompts_file_record(path: str) -> dict:
+    """What a results file records about a prompts file: its name and the sha256 of its bytes."""
+    from ..target import file_sha256
+
+    return {"suite": "jsonl", "prompts_file": Path(path).name, "prompts_sha256": file_sha256(Path(path))}
+
+
+def load_inprocess(args: BenchArgs, target=None, draft=None):
+    """((model, tokenizer), draft) for the in-process backend: `target` and `draft` when given, else loaded."""
+    from ..target import load_target
+
+    if target is None:
+        target = load_target(args.target, dtype=args.dtype, threads=args.threads or None)
+    if draft is None:
+        draft = resolve_draft(args.draft, target[0], target[1])
+    return target, draft
+
+
+def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = True,
+                  restart_stale: bool = False) -> dict:
     """Run the benchmark `args` describes and return the result (also saved to `args.json`).
 
     `target` = (model, tokenizer) and `draft` skip loading for the in-process backend. On
     any failure (a server dies, a request times out, Ctrl-C) what finished is saved with
     `complete: false` and the error, and a BenchError says where the partial results are.
+    With `args.resume`, a results file that measured other target or head weights, another
+    eaglebook version or another prompts file is refused, or with `restart_stale` measured
+    again from the start.
     """
     backend = pick_backend(args.backend, args.draft)
     settings = parse_settings(args)
@@ -163,6 +191,11 @@ def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = Tru
     temps = parse_temperatures(args)
     if backend != "inprocess" and (temps != [0.0] or args.ngram):
         raise BenchError("sampling (--temperature, --temperatures) and --ngram run on the in-process backend only")
+    if args.ngram_max < 1:
+        raise BenchError(f"--ngram_max {args.ngram_max}: prompt lookup matches suffixes of at least 1 token")
+    if args.prompts and args.suite not in ("mt-bench", "jsonl"):
+        raise BenchError(f"--prompts {args.prompts} replaces the suite: give it alone (or with --suite jsonl), "
+                         f"not with --suite {args.suite}")
     prompts = load_suite(args.suite, args.limit or None, args.prompts or None, args.run_dir or None)
     vllm = None
     if backend == "vllm":
@@ -171,9 +204,17 @@ def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = Tru
     config = {**asdict(args), "backend": backend, "settings": [asdict(s) for s in settings],
               "main_config": settings[0].label if backend != "openai" else "server",
               "concurrency_levels": levels, "temperatures": temps, "prompts": len(prompts), **(vllm.config if vllm else {})}
+    if args.prompts:
+        config.update(prompts_file_record(args.prompts))
     if args.resume and not args.json:
         raise BenchError("--resume continues the run saved in --json: give --json")
-    rec = Recorder(config, args.json or None, resume=args.resume)
+    from .. import __version__
+
+    config["eaglebook_version"] = __version__
+    if backend == "inprocess":
+        target, draft = load_inprocess(args, target, draft)
+        config.update(inprocess_identity(target[0], draft))
+    rec = Recorder(config, args.json or None, resume=args.resume, restart_stale=restart_stale)
     log_dir = args.log_dir or (str(Path(args.json).parent / "server-logs") if args.json else "runs/bench-logs")
 
     async def main():
@@ -217,18 +258,15 @@ async def _drive(lanes: list[Lane], levels: list[int], prompts, tokenizer, rec: 
 
 
 async def _bench_inprocess(args, settings, levels, prompts, rec, target, draft, progress):
-    from ..target import load_target, target_info
+    from ..target import target_info
 
-    if target is None:
-        target = load_target(args.target, dtype=args.dtype, threads=args.threads or None)
     model, tok = target
-    if draft is None:
-        draft = resolve_draft(args.draft, model, tok)
     rec.server_info["target"] = target_info(model, tok)
     pl = parse_prompt_lookup(args.prompt_lookup)
     for n, temp in enumerate(parse_temperatures(args)):
         lanes = make_inprocess_lanes(model, tok, draft, settings, peers=args.peers, prompt_lookup=pl,
-                                     ngram=args.ngram, temperature=temp, top_p=args.top_p, seed=args.seed)
+                                     ngram=args.ngram, temperature=temp, top_p=args.top_p, seed=args.seed,
+                                     ngram_max=args.ngram_max)
         if n == 0:
             for lane in lanes:
                 rec.server_info[f"{lane.mode} {lane.config}".strip()] = await lane.client.server_info()
@@ -242,7 +280,7 @@ async def _bench_inprocess(args, settings, levels, prompts, rec, target, draft, 
             import threading
 
             lock = threading.Lock()
-            lanes_c = [Lane(ln.mode, _Threaded(ln.client, lock), ln.config, ln.temperature) for ln in lanes
+            lanes_c = [Lane(ln.mode, _Threaded(ln.client, lock), ln.config, ln.temperature, ln.seed) for ln in lanes
                        if ln.mode in ("baseline", "eagle")]
             for c in [c for c in levels if c > 1]:
                 answers = None

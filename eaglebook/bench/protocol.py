@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from .core import BenchError, Generation, ServerError, _wall_key, hardware_info, looped, save_results
 from .suites import Prompt, render_ids
-from .tables import concurrency_table, head_to_head, lanes_table, summarize, sweep_table, temperature_table
+from .tables import (concurrency_table, head_to_head, head_to_heads, lanes_table, suite_name, summarize,
+                     sweep_table, temperature_table)
 
 
 # --------------------------------------------------------------------------------------
@@ -27,6 +28,16 @@ class Lane:
     client: object
     config: str = ""
     temperature: float = 0.0
+    seed: int = 0  # sampling: the run's seed, from which each request's own is derived
+
+    def request_seed(self, prompt_id: str, turn: int) -> int:
+        """The seed of one sampled request: a hash of (run seed, prompt id, turn, lane), so a
+        request draws the same samples whatever ran before it (other lanes, the warm-up, the
+        prompts a resumed run skips)."""
+        import hashlib
+
+        key = f"{self.seed}|{prompt_id}|{turn}|{self.mode} {self.config}|{self.temperature}"
+        return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
 
 
 class Recorder:
@@ -37,9 +48,13 @@ class Recorder:
 
     # Arguments that may differ between a run and its resumption (where files go, the warm-up).
     RESUME_FREE = ("json", "log_dir", "warmup", "resume")
+    # What was measured, beyond the arguments: a head retrained into the same folder, another
+    # target under the same name or another eaglebook gives other numbers.
+    IDENTITY = {"draft_fingerprint": "draft head weights", "target_fingerprint": "target weights",
+                "eaglebook_version": "eaglebook version"}
 
     def __init__(self, config: dict, json_path: str | os.PathLike | None = None, save_every: int = 1,
-                 resume: bool = False):
+                 resume: bool = False, restart_stale: bool = False):
         self.config, self.json_path, self.save_every = config, json_path, save_every
         self.gens: list[Generation] = []
         self.walls: dict[str, float] = defaultdict(float)
@@ -48,11 +63,13 @@ class Recorder:
         self.hardware = hardware_info()
         self.t0 = time.time()
         if resume:
-            self._resume()
+            self._resume(restart_stale)
 
-    def _resume(self) -> None:
-        """Take the concurrency-1 requests of the results file back (same arguments only), so
-        `run_interleaved` generates only the prompts some lane has not finished."""
+    def _resume(self, restart_stale: bool = False) -> None:
+        """Take the concurrency-1 requests of the results file back (same arguments, the same
+        target and head weights, eaglebook version and prompts only), so `run_interleaved`
+        generates only the prompts some lane has not finished. With `restart_stale`, a file that
+        measured other weights or another version is measured again from the start instead."""
         import json
         from pathlib import Path
 
@@ -64,6 +81,18 @@ class Recorder:
             raise BenchError(f"cannot resume from {self.json_path}: not valid JSON ({exc}); delete it to start over")
         before = {k: v for k, v in old.get("config", {}).items() if k not in self.RESUME_FREE}
         now = {k: v for k, v in self.config.items() if k not in self.RESUME_FREE}
+        stale = [f"{what} {before.get(k) or 'not recorded'}, now {now.get(k)}" for k, what in self.IDENTITY.items()
+                 if k in now and before.get(k) != now.get(k)]
+        if stale:
+            if restart_stale:
+                print(f"{self.json_path} measured something else ({'; '.join(stale)}): measuring again from the start")
+                return
+            raise BenchError(f"cannot resume from {self.json_path}: it measured something else ({'; '.join(stale)}); "
+                             "pass another --json or delete it to start over")
+        if before.get("prompts_sha256") != now.get("prompts_sha256"):
+            raise BenchError(f"cannot resume from {self.json_path}: it measured {suite_name(before)}, this run gives "
+                             f"{suite_name(now)}: another file, or the same one changed; pass another --json or "
+                             "delete it to start over")
         diff = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if diff:
             raise BenchError(f"cannot resume from {self.json_path}: it was run with other arguments ({', '.join(diff)}); "
@@ -108,7 +137,8 @@ class Recorder:
             "settings": sweep_table(self.gens) if len(eagle_cfgs) > 1 else [],
             "concurrency": concurrency_table(self.gens, self.walls),
             "lanes": lanes_table(self.gens),
-            "head_to_head": head_to_head(self.gens),
+            "head_to_head": head_to_head(self.gens),  # prompt lookup vs EAGLE alone
+            "head_to_heads": head_to_heads(self.gens),  # and the merged drafter vs each, labelled
             "temperatures": temperature_table(self.gens) if len({g.temperature for g in self.gens}) > 1 else [],
             "requests": [g.row() for g in self.gens],
         }
@@ -143,8 +173,10 @@ def _build_ids(tokenizer, p: Prompt, turn: int, answers: dict) -> list[int]:
 
 async def _one(lane: Lane, p: Prompt, turn: int, ids: list[int], max_new_tokens: int, concurrency: int,
                where: str) -> Generation:
+    # Only in-process lanes sample (the command refuses sampling elsewhere): they take a seed.
+    kw = {"seed": lane.request_seed(p.id, turn)} if lane.temperature > 0 else {}
     try:
-        out = await lane.client.generate(ids, max_new_tokens)
+        out = await lane.client.generate(ids, max_new_tokens, **kw)
     except (KeyboardInterrupt, asyncio.CancelledError):
         raise
     except Exception as exc:

@@ -167,17 +167,34 @@ def temperature_table(gens: list[Generation]) -> list[dict]:
     return rows
 
 
+def lane_kind(mode: str, config: str = "") -> str:
+    """What a lane is when lanes are compared: "eagle" (EAGLE's tree alone), "merged" (the merged
+    drafter: prompt-lookup tokens inside EAGLE's tree, a config ending in `+ngN`), else its mode
+    ("prompt_lookup", "generate", "baseline")."""
+    if mode == "eagle" and "+ng" in (config or ""):
+        return "merged"
+    return mode
+
+
+KIND_LABELS = {"eagle": "EAGLE", "merged": "merged drafter", "prompt_lookup": "prompt lookup",
+               "generate": "transformers generate()", "baseline": "baseline"}
+
+
 def head_to_head(gens: list[Generation], a: str = "prompt_lookup", b: str = "eagle",
                  temperature: float | None = None) -> dict | None:
-    """On how many prompts the best lane of mode `a` beat the best lane of mode `b` (tok/s per
-    prompt, concurrency 1), overall and per category; None when either mode did not run."""
+    """On how many prompts the best lane of kind `a` beat the best lane of kind `b` (tok/s per
+    prompt, concurrency 1), overall and per category; None when either kind did not run.
+
+    Kinds are `lane_kind`'s: "eagle" is EAGLE's tree alone, so the merged drafter ("merged"),
+    which carries prompt lookup inside it, never stands in for EAGLE."""
     gens = [g for g in gens if g.concurrency == 1]
     if temperature is None:
         temperature = min((g.temperature for g in gens), default=0.0)
     best: dict = {}
     for g in gens:
-        if g.temperature == temperature and g.mode in (a, b):
-            k = (g.mode, g.prompt_id, g.turn)
+        kind = lane_kind(g.mode, g.config)
+        if g.temperature == temperature and kind in (a, b):
+            k = (kind, g.prompt_id, g.turn)
             best[k] = max(best.get(k, 0.0), g.tok_s)
     prompts = {(pid, t, next(x.category for x in gens if x.prompt_id == pid)) for (m, pid, t) in best}
     both = [(pid, t, c) for pid, t, c in prompts if (a, pid, t) in best and (b, pid, t) in best]
@@ -188,8 +205,29 @@ def head_to_head(gens: list[Generation], a: str = "prompt_lookup", b: str = "eag
     for c, w in wins:
         n, k = cats.get(c, (0, 0))
         cats[c] = (n + 1, k + w)
-    return {"a": a, "b": b, "prompts": len(wins), "a_wins": sum(w for _, w in wins),
+    return {"a": a, "b": b, "a_label": KIND_LABELS.get(a, a), "b_label": KIND_LABELS.get(b, b),
+            "prompts": len(wins), "a_wins": sum(w for _, w in wins),
             "per_category": [{"category": c, "prompts": n, "a_wins": k} for c, (n, k) in sorted(cats.items())]}
+
+
+def head_to_heads(gens: list[Generation], temperature: float | None = None) -> list[dict]:
+    """Every comparison the lanes allow, each labelled: prompt lookup vs EAGLE alone, then the
+    merged drafter vs EAGLE alone and vs prompt lookup."""
+    pairs = (("prompt_lookup", "eagle"), ("merged", "eagle"), ("merged", "prompt_lookup"))
+    return [h for a, b in pairs if (h := head_to_head(gens, a, b, temperature)) is not None]
+
+
+def format_head_to_head(h: dict) -> str:
+    """`prompt lookup faster than EAGLE (best lane of each, per prompt): 3/8 prompts`."""
+    a, b = h.get("a_label", KIND_LABELS.get(h["a"], h["a"])), h.get("b_label", KIND_LABELS.get(h["b"], h["b"]))
+    return f"{a} faster than {b} (best lane of each, per prompt): {h['a_wins']}/{h['prompts']} prompts"
+
+
+def suite_name(config: dict) -> str:
+    """What a run measured on: the suite, or the prompts file's name and the start of its sha256."""
+    if config.get("prompts_file"):
+        return f"{config['prompts_file']} (sha256 {str(config.get('prompts_sha256'))[:12]})"
+    return str(config.get("suite"))
 
 
 def format_summary(result: dict) -> str:
@@ -197,7 +235,7 @@ def format_summary(result: dict) -> str:
     s = result["summary"]
     b, e = s.get("baseline", {}), s.get("eagle", {})
     acc = e.get("accept_length")
-    lines = [f"{result['config'].get('backend')} · {result['config'].get('suite')} · {s.get('paired_requests')} paired "
+    lines = [f"{result['config'].get('backend')} · {suite_name(result['config'])} · {s.get('paired_requests')} paired "
              f"requests · {s.get('config') or 'server'}",
              f"  baseline   {b.get('tok_s')} tok/s",
              f"  EAGLE      {e.get('tok_s')} tok/s   accept_length {acc if acc is not None else 'unavailable'}",
@@ -211,9 +249,8 @@ def format_summary(result: dict) -> str:
         for r in lanes:
             ident = f"{r['identical']}/{r['checked']}" if r.get("checked") else "-"
             lines.append(f"  {r['lane']:<25} {r['tok_s']!s:>7} {r['speedup']!s:>8}x {r['accept_length'] or '-'!s:>7}  {ident}")
-    h = result.get("head_to_head")
-    if h:
-        lines.append(f"  prompt lookup faster than EAGLE (best of each): {h['a_wins']}/{h['prompts']} prompts")
+    for h in result.get("head_to_heads") or ([result["head_to_head"]] if result.get("head_to_head") else []):
+        lines.append("  " + format_head_to_head(h))
     for r in result.get("temperatures") or []:
         lines.append(f"  T={r['temperature']:<4} {r['lane']:<25} speedup {r['speedup']}x, accept_length {r['accept_length']}")
     if not result.get("complete", True):
