@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import DynamicCache
 
-from .hidden_states import choose_aux_layers, layer_types_of
+from .hidden_states import default_aux_layers
 
 
 class DecodeError(ValueError):
@@ -201,22 +201,67 @@ def capture_final(target, store: list):
 
 
 def target_forward(target, input_ids, position_ids, cache, attention_mask=None, logits_at=None):
-    """The target's decoder plus lm_head on the rows we need (`logits_at`: a slice or None = all)."""
-    out = target.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                               past_key_values=cache, use_cache=True)
-    h = out.last_hidden_state
-    if logits_at is not None:
-        h = h[:, logits_at]
-    return target.get_output_embeddings()(h)
+    """The target's own forward on the rows we need (`logits_at`: None = all, or `slice(-k, None)` =
+    the last k): its decoder, its lm_head and whatever it does to the logits after (Gemma-2's final
+    softcapping, Cohere's logit_scale, Granite's logits_scaling), so they are the target's logits."""
+    if logits_at is None:
+        keep = 0
+    elif isinstance(logits_at, slice) and logits_at.stop is None and logits_at.step is None \
+            and (logits_at.start or 0) < 0:
+        keep = -logits_at.start
+    else:
+        raise DecodeError(f"logits_at={logits_at!r}: give None (every row) or slice(-k, None) (the last k rows)")
+    out = target(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                 past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits
 
 
-def tree_attention_mask(anc: torch.Tensor, prefix_len: int, dtype=None) -> torch.Tensor:
+def verify_mask_layout(config) -> dict:
+    """How the target's layers attend, for the masks of a verify pass: {layer type: sliding window or
+    None}, or {None: window or None} when every layer takes the same mask (one 4-D tensor).
+
+    A 4-D mask handed to a `transformers` model reaches every layer unchanged, so a tree mask that
+    lets each node see the whole prefix would also reach the sliding-window layers of a hybrid model
+    (OLMo-3, Gemma-2/3: `config.layer_types` mixes "sliding_attention" and "full_attention"), which
+    see only the last `sliding_window` positions in prefill and in plain decoding. Such models take a
+    dict of masks keyed by layer type instead. A model with `sliding_window` set and no layer types
+    (Mistral-style) windows every layer.
+    """
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(tc, "sliding_window", None)
+    types = getattr(tc, "layer_types", None)
+    if not types:
+        return {None: window}
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise DecodeError(f"the target has {unknown} layers: tree verification builds masks for full-attention and "
+                          "sliding-window layers only, so this engine cannot decode it losslessly")
+    if "sliding_attention" not in types:
+        return {None: None}
+    if not window:
+        raise DecodeError("the target has sliding_attention layers but no config.sliding_window")
+    return {t: (window if t == "sliding_attention" else None) for t in sorted(set(types))}
+
+
+def tree_attention_mask(anc: torch.Tensor, prefix_len: int, dtype=None, window: int | None = None,
+                        depths=None) -> torch.Tensor:
     """[1, 1, N, prefix_len + N] mask: every node sees the whole prefix and its ancestors-or-self.
 
-    Bool (True = attend) for sdpa; with `dtype` an additive float mask for eager attention.
+    With `window` (a sliding-window layer's) a node sees only keys fewer than `window` positions
+    back, the rule `transformers` applies in prefill and plain decoding: position(query) -
+    position(key) < window, where prefix key j sits at position j and node i at prefix_len +
+    depths[i]. Bool (True = attend) for sdpa; with `dtype` an additive float mask for eager attention.
     """
     N = anc.shape[0]
-    m = torch.cat([torch.ones(N, prefix_len, dtype=torch.bool, device=anc.device), anc], dim=1)[None, None]
+    m = torch.cat([torch.ones(N, prefix_len, dtype=torch.bool, device=anc.device), anc], dim=1)
+    if window is not None:
+        if depths is None:
+            raise DecodeError("a sliding-window mask needs the nodes' depths")
+        d = torch.as_tensor(depths, device=anc.device)
+        q_pos = prefix_len + d
+        k_pos = torch.cat([torch.arange(prefix_len, device=anc.device), q_pos])
+        m = m & (q_pos[:, None] - k_pos[None, :] < window)
+    m = m[None, None]
     if dtype is None:
         return m
     return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
@@ -270,6 +315,7 @@ class StepRecord:
     tree_size: int
     tree: DraftTree | None = None  # kept when generate(keep_trees=True)
     target_argmax: list[int] | None = None  # greedy: the target's choice at every node
+    target_logits: torch.Tensor | None = None  # kept with the tree: the target's logits at every node [N, V]
     ngram_accepted: int = 0  # merged drafter: accepted nodes that only the prompt lookup proposed
 
     @property
@@ -388,8 +434,10 @@ class EagleDecoder:
                 raise DecodeError(f"EAGLE-1/2 head width {draft.config.hidden_size} != target hidden size "
                                   f"{tc.hidden_size}")
         else:
+            # A head eaglebook built records its layers (on a hybrid target, full-attention ones). A head
+            # that records none is decoded on the layers SGLang and vLLM feed it: (2, N//2, N-3).
             self.aux_layers = tuple(aux_layers or getattr(draft.config, "aux_layers", None)
-                                    or choose_aux_layers(n, layer_types_of(tc)))
+                                    or default_aux_layers(n))
             if max(self.aux_layers) >= n:
                 raise DecodeError(f"aux layers {self.aux_layers} do not exist in a {n}-layer target")
             if draft.fc.in_features != len(self.aux_layers) * tc.hidden_size:
@@ -401,6 +449,7 @@ class EagleDecoder:
         impl = getattr(target.config, "_attn_implementation", "sdpa")
         # eager attention adds the mask to the scores; sdpa takes a bool mask directly
         self._mask_dtype = next(target.parameters()).dtype if impl == "eager" else None
+        self._mask_layout = verify_mask_layout(target.config)  # one mask, or one per layer type
         self.d2t_ids = draft.draft_ids.to(self.device)  # draft id -> target id, as one lookup
 
     # -- pieces ------------------------------------------------------------------------
@@ -525,7 +574,9 @@ class EagleDecoder:
         n, dev = tree.prefix_len, self.device
         ids = torch.tensor([tree.tokens], device=dev)
         pos = (n + torch.tensor(tree.depths, device=dev))[None]
-        mask = tree_attention_mask(tree.mask, n, self._mask_dtype)
+        masks = {kind: tree_attention_mask(tree.mask, n, self._mask_dtype, window, tree.depths)
+                 for kind, window in self._mask_layout.items()}
+        mask = masks.pop(None) if None in masks else masks
         logits, feats = self._target(ids, pos, state.target_cache, mask)
         logits = logits[0]
         argmax = logits.argmax(-1).tolist() if sampling.greedy else None
@@ -550,6 +601,7 @@ class EagleDecoder:
         return StepRecord(accepted_nodes=path, new_tokens=new, draft_ms=(t1 - t0) * 1e3 + extend_ms,
                           verify_ms=(t2 - t1) * 1e3, other_ms=other_ms, tree_size=tree.size,
                           tree=tree if keep_tree else None, target_argmax=argmax if keep_tree else None,
+                          target_logits=logits if keep_tree else None,
                           ngram_accepted=sum(tree.ngram[i] for i in path[1:]) if tree.ngram else 0)
 
     def _accept(self, tree: DraftTree, logits, argmax, sampling, generator) -> tuple[list[int], int]:

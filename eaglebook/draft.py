@@ -28,6 +28,8 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
+from .target import LogitMap, logit_map
+
 
 class DraftError(ValueError):
     """A draft head whose shapes, keys or provenance disagree with what it is used with."""
@@ -65,7 +67,7 @@ def draft_config_from_target(target_config, draft_vocab_size: int | None = None,
         num_key_value_heads=getattr(tc, "num_key_value_heads", n_heads),
         head_dim=head_dim,
         hidden_act=getattr(tc, "hidden_act", "silu"),
-        rms_norm_eps=tc.rms_norm_eps,
+        rms_norm_eps=getattr(tc, "rms_norm_eps", None) or tc.layer_norm_eps,  # Cohere: layer_norm_eps
         max_position_embeddings=tc.max_position_embeddings,
         rope_parameters=dict(rope),
         attention_bias=False,
@@ -117,6 +119,8 @@ class DraftOutput:
 
 class Eagle3Draft(nn.Module):
     """The EAGLE-3 draft head (see the module docstring for the data flow)."""
+
+    target_logits = LogitMap()  # the target's logit map, set by init_from_target (identity until then)
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -203,7 +207,10 @@ class Eagle3Draft(nn.Module):
 @torch.no_grad()
 def copy_from_target(draft, target, lm_head_rows: bool = True) -> None:
     """The target's embedding into `draft`, and its output rows at `draft.draft_ids` into the lm_head
-    (all rows for an EAGLE-1/2 head, whose draft ids are the whole vocabulary)."""
+    (all rows for an EAGLE-1/2 head, whose draft ids are the whole vocabulary). The head also keeps
+    the target's `LogitMap` (`target_logits`): training turns stored final features into the target's
+    logits with it, and an EAGLE-1/2 head's borrowed lm_head applies it."""
+    draft.target_logits = logit_map(target.config)
     emb = target.get_input_embeddings().weight
     if emb.shape != draft.embed_tokens.weight.shape:
         raise DraftError(f"target embedding {tuple(emb.shape)} != draft {tuple(draft.embed_tokens.weight.shape)}")
@@ -256,6 +263,8 @@ class Eagle1Draft(nn.Module):
     Same forward signature and output as `Eagle3Draft`; its vocabulary is the full target one.
     """
 
+    target_logits = LogitMap()  # the target's logit map, set by init_from_target (identity until then)
+
     def __init__(self, config: LlamaConfig, fc_bias: bool = True):
         super().__init__()
         self.config = config
@@ -307,8 +316,9 @@ class Eagle1Draft(nn.Module):
         return DraftOutput(logits=lg, hidden=h, past_key_values=past_key_values)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of the output: it regresses the target's (normed) final state, so no final norm."""
-        return self.lm_head(hidden)
+        """Logits of the output: it regresses the target's (normed) final state, so no final norm;
+        the target's own lm_head and logit map make them the target's logits for that state."""
+        return self.target_logits(self.lm_head(hidden))
 
     @property
     def feature_width(self) -> int:

@@ -290,9 +290,11 @@ def capture_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
 
 def teacher_logits(model, final_hidden: torch.Tensor) -> torch.Tensor:
-    """The target's next-token logits from a stored final feature: `lm_head` only (already normed)."""
-    head = model.get_output_embeddings()
-    return head(final_hidden.to(head.weight.dtype))
+    """The target's next-token logits from a stored final feature: `lm_head` (no second norm: it is
+    already normed), then the target's own softcapping or scaling (`target.output_logits`)."""
+    from .target import output_logits
+
+    return output_logits(model, final_hidden)
 
 
 def oracle_hidden_states(model, input_ids, attention_mask=None) -> tuple[torch.Tensor, ...]:

@@ -390,6 +390,65 @@ def checkpoint_fingerprint(path: str | os.PathLike, config=None, sample: int = 4
     return h.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class LogitMap:
+    """What a target does to its `lm_head` output before it is a logit: multiply by `multiplier`
+    (Cohere's `logit_scale`), divide by `divisor` (Granite's `logits_scaling`), then cap smoothly to
+    (-softcap, softcap) with softcap * tanh(x / softcap) (Gemma-2's `final_logit_softcapping`).
+
+    Wherever eaglebook turns a hidden state into the target's logits itself (the teacher in training,
+    which reads a stored final feature) it must apply this, or the "target distribution" it trains
+    towards or samples from is not the target's. The operations run in the target's own order, so
+    `LogitMap(...)(lm_head(final))` equals the model's logits bit for bit.
+    """
+
+    multiplier: float = 1.0
+    divisor: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.multiplier != 1.0:
+            logits = logits * self.multiplier
+        if self.divisor != 1.0:
+            logits = logits / self.divisor
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# Config fields that change logits after lm_head in models whose rule eaglebook does not replay.
+_UNKNOWN_LOGIT_FIELDS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier",
+                         "logit_multiplier", "logits_multiplier")
+
+
+def logit_map(config) -> LogitMap:
+    """The target's `LogitMap`, read from its config. Raises `TargetError` for a field that scales
+    logits in a model family whose rule is not known here (the same name multiplies in one family and
+    divides in another), rather than computing silently wrong target distributions."""
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kind = str(getattr(tc, "model_type", "") or "")
+    cap = getattr(tc, "final_logit_softcapping", None)
+    mul = div = 1.0
+    known = set()
+    if kind.startswith("cohere") and getattr(tc, "logit_scale", None) is not None:
+        mul, known = float(tc.logit_scale), {"logit_scale"}  # Cohere, Cohere-2: logits * logit_scale
+    elif kind.startswith("granite") and getattr(tc, "logits_scaling", None) is not None:
+        div, known = float(tc.logits_scaling), {"logits_scaling"}  # Granite family: logits / logits_scaling
+    for name in _UNKNOWN_LOGIT_FIELDS:
+        value = getattr(tc, name, None)
+        if name not in known and isinstance(value, (int, float)) and value != 1:
+            raise TargetError(f"{kind or 'this'} target has config.{name}={value}, which changes its logits after "
+                              "lm_head in a way eaglebook does not replay: its teacher distribution would be wrong")
+    return LogitMap(multiplier=mul, divisor=div, softcap=float(cap) if cap else None)
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The target's next-token logits from its final (normed) hidden state: `lm_head`, then its
+    `LogitMap`. `model` is the target or a `TargetHead`."""
+    head = model.get_output_embeddings()
+    return logit_map(model.config)(head(hidden.to(head.weight.dtype)))
+
+
 class TargetHead(torch.nn.Module):
     """What training a draft needs from its target, and nothing more: the config, the input
     embedding and the output head (one tensor when tied), the generation config and the

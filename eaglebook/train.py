@@ -108,12 +108,15 @@ def tau_sim(cond_acc: list[float]) -> float:
 
 
 @torch.no_grad()
-def teacher_from_final(final_hidden: torch.Tensor, lm_head_weight: torch.Tensor, draft_ids: torch.Tensor):
-    """The target's next-token prediction at each position, from the stored final feature.
+def teacher_from_final(final_hidden: torch.Tensor, lm_head_weight: torch.Tensor, draft_ids: torch.Tensor,
+                       target_logits=None):
+    """The target's next-token prediction at each position, from the stored final feature, through
+    `target_logits` (the target's `LogitMap`: softcapping, logit scaling) when given.
 
     Returns (argmax over the full target vocab [B,T], log-probs over the draft vocab [B,T,Vd]).
     """
     logits = final_hidden.to(lm_head_weight.dtype) @ lm_head_weight.T
+    logits = target_logits(logits) if target_logits is not None else logits
     top = logits.argmax(-1)
     return top, torch.log_softmax(logits[..., draft_ids].float(), dim=-1)
 
@@ -131,7 +134,7 @@ def ttt_forward(draft: Eagle3Draft, batch: dict, lm_head_weight: torch.Tensor, t
     real = batch["attention_mask"].bool()
     trained = batch["loss_mask"].bool() & real
     draft_ids = draft.draft_ids
-    teacher_top, teacher_logp = teacher_from_final(final, lm_head_weight, draft_ids)
+    teacher_top, teacher_logp = teacher_from_final(final, lm_head_weight, draft_ids, draft.target_logits)
     in_vocab = draft.t2d[teacher_top]
     stats = TTTStats(ttt_steps, batches=1)
     cache = DynamicCache()
@@ -209,7 +212,7 @@ def eagle1_forward(draft: Eagle1Draft, batch: dict, lm_head_weight: torch.Tensor
     valid = trained[:, 2:]
     pred, logits = out.hidden[:, :n].float(), out.logits[:, :n].float()
     goal = final[:, 1: T - 1].float()
-    teacher_top, teacher_logp = teacher_from_final(goal, lm_head_weight, draft.draft_ids)
+    teacher_top, teacher_logp = teacher_from_final(goal, lm_head_weight, draft.draft_ids, draft.target_logits)
     vloss = F.smooth_l1_loss(pred, goal, reduction="none").mean(-1)
     ploss = -(teacher_logp.exp() * torch.log_softmax(logits, -1)).sum(-1)
     denom = valid.sum().clamp(min=1)
