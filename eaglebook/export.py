@@ -721,9 +721,6 @@ def export_gguf(head, out, target: str = "smollm2-135m", outtype: str = "bf16", 
 
     if outtype not in GGUF_OUTTYPES:
         raise DraftError(f"outtype {outtype!r}: choose one of {GGUF_OUTTYPES}")
-    if importlib.util.find_spec("sentencepiece") is None:
-        raise DraftError("llama.cpp's converter needs sentencepiece: pip install sentencepiece "
-                         "(it is in eaglebook's serve extra)")
     src = resolve_head(head)
     config, _, _ = read_checkpoint(src)
     if detect_format(config) not in ("eagle3", "speculators"):
@@ -736,6 +733,9 @@ def export_gguf(head, out, target: str = "smollm2-135m", outtype: str = "bf16", 
     tcfg = AutoConfig.from_pretrained(target_dir)
     check_against_target(draft, tcfg)
     ids = gguf_layer_ids(draft.config, _target_config(tcfg).num_hidden_layers)
+    if importlib.util.find_spec("sentencepiece") is None:
+        raise DraftError("llama.cpp's converter needs sentencepiece: pip install sentencepiece "
+                         "(it is in eaglebook's serve extra)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     converter = llamacpp_source(progress) / "convert_hf_to_gguf.py"

@@ -142,6 +142,30 @@ def test_gguf_export_pins_custom_layers_and_refuses_eagle1(tmp_path):
         export_gguf(head, tmp_path / "e1.gguf", progress=False)
 
 
+def test_export_command_bad_input_is_one_line(tmp_path, tiny_llama, capsys):
+    """`eaglebook export`: a head trained for another target, a missing head, no --out."""
+    import torch
+
+    from eaglebook.cli import main
+    from eaglebook.draft import build_draft
+    from eaglebook.export import head_provenance, save_draft
+
+    V = tiny_llama.config.vocab_size
+    t2d = torch.zeros(V, dtype=torch.bool)
+    t2d[:64] = True
+    tiny_head = save_draft(build_draft(tiny_llama, torch.zeros(64, dtype=torch.long), t2d), tmp_path / "tiny",
+                           head_provenance(tiny_llama))
+    cases = [(["--draft", str(tiny_head)], "the head does not fit its target: hidden_size: draft 64, target 576"),
+             (["--draft", str(tmp_path / "none")], "no draft head at"),
+             ([], "give --out")]
+    for extra, msg in cases:
+        out = [] if not extra and msg == "give --out" else ["--out", str(tmp_path / "x.gguf")]
+        assert main(["export", "--gguf", *out, *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def _write_gguf(path: Path, hidden: int, tokens: int, d2t_max: int) -> Path:
     """A deliberately wrong EAGLE-3 GGUF (bad input), written with gguf's own writer."""
     import gguf
