@@ -10,7 +10,10 @@ head, on my prompts, on my hardware?):
   that differ only in the speculative flags, queried through the native ``/generate`` with
   token ids; accept length from each response's ``meta_info`` (``spec_verify_ct``);
 - ``openai``: any OpenAI-compatible endpoint (vLLM, a remote SGLang) given by URL; accept
-  length from vLLM's ``/metrics`` counters where the server offers them, else unavailable.
+  length from vLLM's ``/metrics`` counters where the server offers them, else unavailable;
+- ``llamacpp``: ``llama-server`` processes on the CPU built from one argument set (plain greedy,
+  the EAGLE-3 head as GGUF per draft length, llama.cpp's n-gram modes), queried through the
+  native ``/completion`` with token ids; accept length from each response's draft counters.
 
 Every prompt is rendered by the one render function and sent as token ids, so no server-side
 chat template can differ from the one the head was trained on. accept_length = completion
@@ -18,8 +21,9 @@ tokens / verification steps, bonus token included.
 
 The modules, in reading order: ``suites`` (prompts), ``core`` (one request's record, results
 files), ``servers`` (SGLang processes), ``clients`` (one ``generate`` per backend), ``lanes``
-(the in-process engine and its peers), ``protocol`` (warm-up, interleaving, concurrency),
-``tables`` (speedup, per category, sweeps), ``command`` (``eaglebook bench``).
+(the in-process engine and its peers), ``llamacpp`` (llama.cpp's server and client), ``protocol``
+(warm-up, interleaving, concurrency), ``tables`` (speedup, per category, sweeps), ``command``
+(``eaglebook bench``).
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ from .command import (BenchArgs, format_summary, parse_levels, parse_settings, p
 from .core import (MODES, BenchError, DraftSetting, Generation, ServerError, hardware_info,  # noqa: F401
                    save_results)
 from .lanes import make_inprocess_lanes, resolve_draft  # noqa: F401
+from .llamacpp import (LlamaCppClient, LlamaCppConfig, check_gguf_pair, draft_gguf, llama_server_binary,  # noqa: F401
+                       llamacpp_command, llamacpp_lanes, target_gguf)
 from .protocol import Lane, Recorder, run_interleaved, run_phase, warm_up  # noqa: F401
 from .servers import (SGLangConfig, ServerProcess, require_sglang, sglang_command, sglang_env,  # noqa: F401
                       sglang_server)
