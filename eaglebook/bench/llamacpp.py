@@ -397,12 +397,3 @@ async def bench_llamacpp(args, levels, prompts, rec, log_dir, progress) -> None:
                 rec.server_info[lane.name] = {**await c.server_info(), "command": srv.cmd}
                 bench_lanes.append(Lane(lane.mode, c, lane.config))
             await _drive(bench_lanes, levels, prompts, tok, rec, args, progress)
-
-
-if __name__ == "__main__":  # scripts/engine-llamacpp.sh: `python -m eaglebook.bench.llamacpp source`
-    if sys.argv[1:] == ["source"]:
-        print(llamacpp_source())
-    elif sys.argv[1:] == ["engine-dir"]:
-        print(engine_dir())
-    else:
-        sys.exit("usage: python -m eaglebook.bench.llamacpp source|engine-dir")
