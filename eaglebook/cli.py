@@ -101,7 +101,7 @@ def _load_stage_commands() -> None:
     import importlib
 
     for mod in ("eaglebook.decode", "eaglebook.bench", "eaglebook.hidden_states", "eaglebook.train",
-                "eaglebook.regenerate", "eaglebook.recipe", "eaglebook.headline"):
+                "eaglebook.regenerate", "eaglebook.recipe", "eaglebook.headline", "eaglebook.export"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

