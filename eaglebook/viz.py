@@ -80,19 +80,24 @@ def plot_lengths(datasets: dict, bins: int = 30):
     return fig
 
 
-def plot_coverage(curves: dict, draft_vocab: int | None = None):
+def plot_coverage(curves: dict, draft_vocab: int | None = None, reference: tuple = (),
+                  title: str = "Draft-vocabulary coverage"):
     """Share of tokens the draft vocab covers vs its size: {name: (sizes, coverage)}, e.g. the
-    trained tokens it was chosen from and a held-out split's answers."""
+    trained tokens it was chosen from and a held-out split's answers. Curves named in `reference`
+    (an in-sample curve, say) are drawn dotted grey: for comparison, not the measurement."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for name, (sizes, cov) in curves.items():
-        ax.plot(sizes, cov, marker="o", ms=3, label=name)
+        if name in reference:
+            ax.plot(sizes, cov, ls=":", color="grey", label=name)
+        else:
+            ax.plot(sizes, cov, marker="o", ms=3, label=name)
     if draft_vocab:
         ax.axvline(draft_vocab, color="grey", ls="--", lw=1)
-        ax.text(draft_vocab, 0.02, f" draft_vocab={draft_vocab}", color="grey", fontsize=8)
-    ax.set(xscale="log", ylim=(0, 1.02), xlabel="draft vocab size (top-k trained tokens)",
-           ylabel="tokens covered", title="Draft-vocabulary coverage")
+        ax.text(draft_vocab, 0.02, f" draft_vocab={draft_vocab}", color="grey", fontsize=9)
+    ax.set(xscale="log", ylim=(0, 1.02), xlabel="draft vocab size (top-k counted tokens)",
+           ylabel="tokens covered", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
