@@ -8,6 +8,13 @@ from matplotlib.patches import FancyBboxPatch
 
 TRAINABLE, FROZEN, TENSOR = "#cfe3ff", "#e3e3e3", "#ffffff"
 
+# One look for every figure of the suite: fonts readable at 100% zoom, one dpi on screen and on disk,
+# saved figures cropped to their content. Applied when the notebooks import this module.
+FIGURE_STYLE = {"figure.dpi": 100, "savefig.dpi": 110, "savefig.bbox": "tight", "font.size": 10,
+                "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
+                "legend.fontsize": 9, "figure.titlesize": 11}
+plt.rcParams.update(FIGURE_STYLE)
+
 
 # --------------------------------------------------------------------------------------
 # Notebook 01: loss masks and data
@@ -197,7 +204,7 @@ def plot_pipeline(notebooks: list | None = None, highlight: str | None = None, r
             ax.annotate("", xy=(x + w + gap - 0.03, h / 2), xytext=(x + w + 0.03, h / 2),
                         arrowprops=dict(arrowstyle="-|>", color="#555555", lw=1.3))
             ax.text(x + w + gap / 2, h / 2 + 0.1, PIPELINE_STEPS.get(num, ""), ha="center", va="bottom",
-                    fontsize=7, color="#555555", style="italic")
+                    fontsize=8, color="#555555", style="italic")
     ax.set_xlim(-0.15, n * (w + gap) - gap + 0.15)
     ax.set_ylim(-0.55 if status else -0.2, h + 0.2)
     ax.axis("off")
@@ -231,14 +238,14 @@ def draw_eagle3_head(config, draft_vocab_size: int | None = None):
     def box(x, y, text, color, w=3.0, h=0.8):
         ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05",
                                     fc=color, ec="#333333", lw=1))
-        ax.text(x, y, text, ha="center", va="center", fontsize=8.5)
+        ax.text(x, y, text, ha="center", va="center", fontsize=9)
         return (x, y, h)
 
     def arrow(a, b, text=None, style="-|>", color="#333333", rad=0.0):
         ax.annotate("", xy=(b[0], b[1] + b[2] / 2 + 0.05), xytext=(a[0], a[1] - a[2] / 2 - 0.05),
                     arrowprops=dict(arrowstyle=style, color=color, lw=1.2, connectionstyle=f"arc3,rad={rad}"))
         if text:
-            ax.text((a[0] + b[0]) / 2 + 0.1, (a[1] + b[1]) / 2, text, fontsize=7.5, color="#555555")
+            ax.text((a[0] + b[0]) / 2 + 0.1, (a[1] + b[1]) / 2, text, fontsize=8.5, color="#555555")
 
     feats = box(7.0, 12.3, f"target features low | mid | high\n[T, 3×{Ht}]", TENSOR, w=3.6)
     ids = box(2.6, 12.3, "next tokens x(t+1)\n[T]", TENSOR, w=2.6)
@@ -271,7 +278,7 @@ def draw_eagle3_head(config, draft_vocab_size: int | None = None):
     ax.plot([8.55, 9.3, 9.3], [10.9, 10.9, 5.3], color="#1f5fbf", lw=1.2, ls="--")
     ax.annotate("", xy=(6.85, 5.3), xytext=(9.3, 5.3),
                 arrowprops=dict(arrowstyle="-|>", color="#1f5fbf", lw=1.2, ls="--"))
-    ax.text(9.4, 8.0, "residual", color="#1f5fbf", fontsize=7.5, rotation=90, va="center")
+    ax.text(9.4, 8.0, "residual", color="#1f5fbf", fontsize=8.5, rotation=90, va="center")
     ax.set_title("EAGLE-3 draft head: one decoder layer over cat(embedding, fused target features)", fontsize=10)
     return fig
 
@@ -679,3 +686,86 @@ def plot_accepted_tokens(tokenizer, result, max_tokens: int = 120, width: float 
 def _show_raw(piece: str) -> str:
     # Visible whitespace, as in mask_html, but plain text for matplotlib (no HTML escaping; $ would start math).
     return piece.replace(" ", "\u00b7").replace("\n", "\u21b5").replace("\t", "\u2192").replace("$", r"\$") or "\u2205"
+
+
+# --------------------------------------------------------------------------------------
+# Notebook 02: hidden states
+# --------------------------------------------------------------------------------------
+
+def plot_aux_layer_choice(rows: dict):
+    """One row per model: its layers as squares (blue: full attention, grey: sliding window) and the
+    three captured aux states ringed in red. `rows[name]` = (num_layers, layer_types or None,
+    chosen SGLang ids), e.g. from `hidden_states.explain_aux_layers`."""
+    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.65 * len(rows)))
+    for y, (name, (n, types, chosen)) in enumerate(rows.items()):
+        kinds = types or ["full_attention"] * n
+        ax.scatter(range(n), [y] * n, c=["C0" if k == "full_attention" else "C7" for k in kinds], marker="s", s=25)
+        ax.scatter(chosen, [y] * len(chosen), facecolors="none", edgecolors="C3", s=140, linewidths=2)
+    ax.set_yticks(range(len(rows)), list(rows))
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlabel("layer i (SGLang id i: the captured state is its output = HF index i+1)")
+    ax.set_title("aux layers (red rings) on full-attention (blue) and sliding-window (grey) layers")
+    fig.tight_layout()
+    return fig
+
+
+def plot_capture_throughput(timing: dict, title: str = ""):
+    """Tokens/s of the base forward, the full forward with logits and capture, from
+    `hidden_states.time_capture_vs_forward`."""
+    fig, ax = plt.subplots(figsize=(6.4, 2.6))
+    keys = ["base_forward_tok_s", "full_forward_tok_s", "capture_tok_s"]
+    ax.barh(["base forward", "model(...) with logits", "capture"], [timing[k] for k in keys], color=["C0", "C7", "C2"])
+    ax.set_xlabel("tokens / s")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_norms(norms, cos, first, aux_layers):
+    """Left: the L2 norm of every hidden_states[j] (mean over tokens, the first token apart).
+    Right: the mean cosine similarity between layers. `norms` [N+1, tokens], `cos` [N+1, N+1],
+    `first` a bool mask over tokens marking each sequence's first token."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(norms[:, ~first].mean(1), label="mean over tokens (first token excluded)")
+    a1.plot(norms[:, first].mean(1), label="first token of each sequence")
+    for j in aux_layers:
+        a1.axvline(j, color="C2", ls=":")
+    a1.set(yscale="log", xlabel="HF index j (hidden_states[j])", ylabel="L2 norm",
+           title="norm per layer (dotted: aux layers)")
+    a1.legend()
+    im = a2.imshow(cos, cmap="viridis", vmin=0, vmax=1)
+    a2.set(title="mean cosine similarity between layers", xlabel="j", ylabel="i")
+    fig.colorbar(im, ax=a2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_storage_error(rows: dict, blocks: list, title: str = "What storage loses, against a float32 reference"):
+    """Grouped bars (log scale) of relative L2 error per feature block, one bar per row of `rows`
+    ({name: [error per block]}); rows named "computed ..." are drawn grey."""
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / len(rows)
+    for i, (name, e) in enumerate(rows.items()):
+        ax.bar([b + i * width for b in range(len(blocks))], [max(v, 1e-12) for v in e], width, label=name,
+               color="C7" if name.startswith("computed") else f"C{i}")
+    ax.set_xticks([b + 0.4 - width / 2 for b in range(len(blocks))], blocks)
+    ax.set(yscale="log", ylabel="relative L2 error vs float32", title=title)
+    ax.legend(ncol=min(5, len(rows)), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_disk_cost(curves: dict, xlabel: str, reference: tuple | None = None):
+    """Feature-store size against dataset size, log-log: {name: (conversations, GB)}; `reference`
+    = (GB, label) draws a dotted line at a published figure."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for name, (xs, gb) in curves.items():
+        ax.plot(xs, gb, marker="o", label=name)
+    if reference:
+        ax.axhline(reference[0], color="k", ls=":", lw=1)
+        ax.text(min(min(xs) for xs, _ in curves.values()), reference[0] * 1.08, reference[1], fontsize=9)
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="disk (GB)", title="feature store size vs dataset size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
