@@ -87,3 +87,30 @@ def test_accepted_tokens_one_box_per_token_coloured_by_step(smollm2):
     dashed = [t.get_bbox_patch().get_linestyle() == "--" for t in boxes]
     assert sum(dashed) == sum(1 for st in res.steps if len(st.new_tokens) == len(st.accepted_nodes))  # one bonus per full step
     assert str(len(res.steps)) in fig._suptitle.get_text()
+
+
+def test_hidden_state_figures_draw_what_they_are_given():
+    import torch
+    from transformers import Olmo3Config
+
+    from eaglebook import hidden_states as hs
+
+    olmo = Olmo3Config(num_hidden_layers=32)
+    why = hs.explain_aux_layers(32, hs.layer_types_of(olmo))
+    ax = viz.plot_aux_layer_choice({"olmo": (32, hs.layer_types_of(olmo), why["sglang"]),
+                                    "uniform": (30, None, hs.explain_aux_layers(30)["sglang"])}).axes[0]
+    squares, rings = ax.collections[0::2], ax.collections[1::2]
+    assert [len(s.get_offsets()) for s in squares] == [32, 30] and [len(r.get_offsets()) for r in rings] == [3, 3]
+    assert [int(x) for x, _ in rings[0].get_offsets()] == why["sglang"]  # the rings sit on the chosen layers
+
+    x = torch.randn(64, 4 * 8) * torch.logspace(0, 3, 4 * 8)  # real quantization on spread-out values
+    ref = {"aux_hidden": x[:, :24], "final_hidden": x[:, 24:]}
+    rows = {s: [r["rel_l2"] for r in hs.storage_error(ref, s, 8)] for s in ("bfloat16", "fp8-token")}
+    fig = viz.plot_storage_error({"computed in float32": [0.0] * 4, **rows}, ["a", "b", "c", "final"])
+    bars = fig.axes[0].patches
+    assert len(bars) == 3 * 4 and all(b.get_height() > 0 for b in bars)  # log scale: zeros drawn at a floor
+    assert [round(b.get_height(), 12) for b in bars[4:8]] == [round(e, 12) for e in rows["bfloat16"]]
+
+    curves = {"a": ([1e3, 1e4], [hs.disk_cost(n * 100, 576)["total_gb"] for n in (1e3, 1e4)])}
+    ax = viz.plot_disk_cost(curves, "conversations", (650, "published")).axes[0]
+    assert len(ax.lines) == 2 and ax.get_yscale() == "log"  # the curve and the reference line
