@@ -8,6 +8,13 @@ from matplotlib.patches import FancyBboxPatch
 
 TRAINABLE, FROZEN, TENSOR = "#cfe3ff", "#e3e3e3", "#ffffff"
 
+# One look for every figure of the suite: fonts readable at 100% zoom, one dpi on screen and on disk,
+# saved figures cropped to their content. Applied when the notebooks import this module.
+FIGURE_STYLE = {"figure.dpi": 100, "savefig.dpi": 110, "savefig.bbox": "tight", "font.size": 10,
+                "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
+                "legend.fontsize": 9, "figure.titlesize": 11}
+plt.rcParams.update(FIGURE_STYLE)
+
 
 # --------------------------------------------------------------------------------------
 # Notebook 01: loss masks and data
@@ -80,19 +87,24 @@ def plot_lengths(datasets: dict, bins: int = 30):
     return fig
 
 
-def plot_coverage(curves: dict, draft_vocab: int | None = None):
+def plot_coverage(curves: dict, draft_vocab: int | None = None, reference: tuple = (),
+                  title: str = "Draft-vocabulary coverage"):
     """Share of tokens the draft vocab covers vs its size: {name: (sizes, coverage)}, e.g. the
-    trained tokens it was chosen from and a held-out split's answers."""
+    trained tokens it was chosen from and a held-out split's answers. Curves named in `reference`
+    (an in-sample curve, say) are drawn dotted grey: for comparison, not the measurement."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for name, (sizes, cov) in curves.items():
-        ax.plot(sizes, cov, marker="o", ms=3, label=name)
+        if name in reference:
+            ax.plot(sizes, cov, ls=":", color="grey", label=name)
+        else:
+            ax.plot(sizes, cov, marker="o", ms=3, label=name)
     if draft_vocab:
         ax.axvline(draft_vocab, color="grey", ls="--", lw=1)
-        ax.text(draft_vocab, 0.02, f" draft_vocab={draft_vocab}", color="grey", fontsize=8)
-    ax.set(xscale="log", ylim=(0, 1.02), xlabel="draft vocab size (top-k trained tokens)",
-           ylabel="tokens covered", title="Draft-vocabulary coverage")
+        ax.text(draft_vocab, 0.02, f" draft_vocab={draft_vocab}", color="grey", fontsize=9)
+    ax.set(xscale="log", ylim=(0, 1.02), xlabel="draft vocab size (top-k counted tokens)",
+           ylabel="tokens covered", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -124,7 +136,7 @@ PIPELINE_STAGES = {  # notebook number: (short title, what it does)
     "02": ("hidden states", "low/mid/high + final\nfeatures, stored"),
     "03": ("draft head", "one decoder layer\nover the features"),
     "04": ("TTT training", "the head learns to\nguess the target"),
-    "05": ("tree decoding", "draft, verify, accept:\nlossless speedup"),
+    "05": ("tree decoding", "draft, verify, accept:\nthe target's own tokens"),
     "06": ("benchmarks", "accept length, speedup;\nSGLang / vLLM"),
 }
 PIPELINE_STEPS = {  # what each notebook hands the next one (drawn on the arrow after it)
@@ -133,16 +145,46 @@ PIPELINE_STEPS = {  # what each notebook hands the next one (drawn on the arrow 
 }
 
 
-def plot_pipeline(notebooks: list | None = None, highlight: str | None = None):
-    """The suite as a pipeline: one box per numbered notebook (its number on its own, a short title,
-    what it does) and, on each arrow, what it hands the next one. `highlight` ("00".."06") marks
-    the notebook the reader is in."""
+PIPELINE_OUTPUTS = {  # what each notebook leaves in run_dir for the next one, relative to its own folder
+    "00": ("results.json",),
+    "01": ("regenerated", "vocab_map.safetensors"),
+    "02": ("features/index.json",),
+    "03": ("draft/config.json",),
+    "04": ("draft/config.json",),
+    "05": ("results.json",),
+    "06": ("results.json",),
+}
+DONE_COLOR, MISSING_COLOR = "#2a9d8f", "#9e9e9e"
+
+
+def pipeline_status(run_dir, notebooks: list | None = None) -> dict[str, bool]:
+    """Which stages' outputs are on disk in `run_dir`: {"01": True, ...}. A stage counts as done
+    when every file of `PIPELINE_OUTPUTS` is in its folder `{run_dir}/{NN-slug}/`."""
+    from pathlib import Path
+
     from .runner import notebook_paths
 
-    nums = [p.stem[:2] for p in (notebooks or notebook_paths())]
+    run_dir = Path(run_dir)
+    status = {}
+    for p in notebooks or notebook_paths():
+        num = p.stem[:2]
+        status[num] = all((run_dir / p.stem / f).exists() for f in PIPELINE_OUTPUTS.get(num, ("results.json",)))
+    return status
+
+
+def plot_pipeline(notebooks: list | None = None, highlight: str | None = None, run_dir=None):
+    """The suite as a pipeline: one box per numbered notebook (its number on its own, a short title,
+    what it does) and, on each arrow, what it hands the next one. `highlight` ("00".."06") marks
+    the notebook the reader is in. With `run_dir`, each box also says whether that stage's
+    outputs are on disk there (a later notebook reads them, or builds small ones itself)."""
+    from .runner import notebook_paths
+
+    paths = notebooks or notebook_paths()
+    nums = [p.stem[:2] for p in paths]
+    status = pipeline_status(run_dir, paths) if run_dir is not None else None
     n = len(nums)
-    fig, ax = plt.subplots(figsize=(2.3 * n, 2.4))
-    w, h, gap = 1.55, 1.35, 0.75
+    fig, ax = plt.subplots(figsize=(2.3 * n, 2.9 if status else 2.5))
+    w, h, gap = 1.6, 1.4, 0.8
     for i, num in enumerate(nums):
         name, what = PIPELINE_STAGES.get(num, ("", ""))
         x = i * (w + gap)
@@ -150,19 +192,28 @@ def plot_pipeline(notebooks: list | None = None, highlight: str | None = None):
         ax.add_patch(FancyBboxPatch((x, 0), w, h, boxstyle="round,pad=0.04",
                                     facecolor="#ffd6a5" if here else TRAINABLE,
                                     edgecolor="#e76f51" if here else "#4a6fa5", lw=2.2 if here else 1.2))
-        ax.text(x + w / 2, h - 0.22, num, ha="center", va="center", fontsize=11, weight="bold")
-        ax.text(x + w / 2, h - 0.5, name, ha="center", va="center", fontsize=9, weight="bold")
-        ax.text(x + w / 2, 0.35, what, ha="center", va="center", fontsize=7.5, color="#333333")
+        ax.text(x + w / 2, h - 0.2, num, ha="center", va="center", fontsize=12, weight="bold")
+        ax.text(x + w / 2, h - 0.48, name, ha="center", va="center", fontsize=10, weight="bold")
+        ax.text(x + w / 2, 0.36, what, ha="center", va="center", fontsize=8, color="#333333")
+        if status is not None:
+            done = status[num]
+            ax.text(x + w / 2, -0.3, "\u2713 on disk" if done else "\u25cb not yet", ha="center", va="center",
+                    fontsize=9, color=DONE_COLOR if done else MISSING_COLOR, weight="bold" if done else "normal",
+                    gid=f"status-{num}")
         if i < n - 1:
             ax.annotate("", xy=(x + w + gap - 0.03, h / 2), xytext=(x + w + 0.03, h / 2),
                         arrowprops=dict(arrowstyle="-|>", color="#555555", lw=1.3))
             ax.text(x + w + gap / 2, h / 2 + 0.1, PIPELINE_STEPS.get(num, ""), ha="center", va="bottom",
-                    fontsize=6.5, color="#555555", style="italic")
+                    fontsize=8, color="#555555", style="italic")
     ax.set_xlim(-0.15, n * (w + gap) - gap + 0.15)
-    ax.set_ylim(-0.2, h + 0.2)
+    ax.set_ylim(-0.55 if status else -0.2, h + 0.2)
     ax.axis("off")
-    ax.set_title("eaglebook: one notebook per stage, each reads what the one before wrote into run_dir"
-                 + ("  (you are here: orange)" if highlight else ""), fontsize=10)
+    title = "eaglebook: one notebook per stage, each reads what the one before wrote into run_dir"
+    if highlight:
+        title += "  (you are here: orange)"
+    if status is not None:
+        title += f"\n{run_dir}: {sum(status.values())} of {n} stages on disk"
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -187,14 +238,14 @@ def draw_eagle3_head(config, draft_vocab_size: int | None = None):
     def box(x, y, text, color, w=3.0, h=0.8):
         ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05",
                                     fc=color, ec="#333333", lw=1))
-        ax.text(x, y, text, ha="center", va="center", fontsize=8.5)
+        ax.text(x, y, text, ha="center", va="center", fontsize=9)
         return (x, y, h)
 
     def arrow(a, b, text=None, style="-|>", color="#333333", rad=0.0):
         ax.annotate("", xy=(b[0], b[1] + b[2] / 2 + 0.05), xytext=(a[0], a[1] - a[2] / 2 - 0.05),
                     arrowprops=dict(arrowstyle=style, color=color, lw=1.2, connectionstyle=f"arc3,rad={rad}"))
         if text:
-            ax.text((a[0] + b[0]) / 2 + 0.1, (a[1] + b[1]) / 2, text, fontsize=7.5, color="#555555")
+            ax.text((a[0] + b[0]) / 2 + 0.1, (a[1] + b[1]) / 2, text, fontsize=8.5, color="#555555")
 
     feats = box(7.0, 12.3, f"target features low | mid | high\n[T, 3×{Ht}]", TENSOR, w=3.6)
     ids = box(2.6, 12.3, "next tokens x(t+1)\n[T]", TENSOR, w=2.6)
@@ -227,7 +278,7 @@ def draw_eagle3_head(config, draft_vocab_size: int | None = None):
     ax.plot([8.55, 9.3, 9.3], [10.9, 10.9, 5.3], color="#1f5fbf", lw=1.2, ls="--")
     ax.annotate("", xy=(6.85, 5.3), xytext=(9.3, 5.3),
                 arrowprops=dict(arrowstyle="-|>", color="#1f5fbf", lw=1.2, ls="--"))
-    ax.text(9.4, 8.0, "residual", color="#1f5fbf", fontsize=7.5, rotation=90, va="center")
+    ax.text(9.4, 8.0, "residual", color="#1f5fbf", fontsize=8.5, rotation=90, va="center")
     ax.set_title("EAGLE-3 draft head: one decoder layer over cat(embedding, fused target features)", fontsize=10)
     return fig
 
@@ -637,3 +688,86 @@ def plot_accepted_tokens(tokenizer, result, max_tokens: int = 120, width: float 
 def _show_raw(piece: str) -> str:
     # Visible whitespace, as in mask_html, but plain text for matplotlib (no HTML escaping; $ would start math).
     return piece.replace(" ", "\u00b7").replace("\n", "\u21b5").replace("\t", "\u2192").replace("$", r"\$") or "\u2205"
+
+
+# --------------------------------------------------------------------------------------
+# Notebook 02: hidden states
+# --------------------------------------------------------------------------------------
+
+def plot_aux_layer_choice(rows: dict):
+    """One row per model: its layers as squares (blue: full attention, grey: sliding window) and the
+    three captured aux states ringed in red. `rows[name]` = (num_layers, layer_types or None,
+    chosen SGLang ids), e.g. from `hidden_states.explain_aux_layers`."""
+    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.65 * len(rows)))
+    for y, (name, (n, types, chosen)) in enumerate(rows.items()):
+        kinds = types or ["full_attention"] * n
+        ax.scatter(range(n), [y] * n, c=["C0" if k == "full_attention" else "C7" for k in kinds], marker="s", s=25)
+        ax.scatter(chosen, [y] * len(chosen), facecolors="none", edgecolors="C3", s=140, linewidths=2)
+    ax.set_yticks(range(len(rows)), list(rows))
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlabel("layer i (SGLang id i: the captured state is its output = HF index i+1)")
+    ax.set_title("aux layers (red rings) on full-attention (blue) and sliding-window (grey) layers")
+    fig.tight_layout()
+    return fig
+
+
+def plot_capture_throughput(timing: dict, title: str = ""):
+    """Tokens/s of the base forward, the full forward with logits and capture, from
+    `hidden_states.time_capture_vs_forward`."""
+    fig, ax = plt.subplots(figsize=(6.4, 2.6))
+    keys = ["base_forward_tok_s", "full_forward_tok_s", "capture_tok_s"]
+    ax.barh(["base forward", "model(...) with logits", "capture"], [timing[k] for k in keys], color=["C0", "C7", "C2"])
+    ax.set_xlabel("tokens / s")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_norms(norms, cos, first, aux_layers):
+    """Left: the L2 norm of every hidden_states[j] (mean over tokens, the first token apart).
+    Right: the mean cosine similarity between layers. `norms` [N+1, tokens], `cos` [N+1, N+1],
+    `first` a bool mask over tokens marking each sequence's first token."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(norms[:, ~first].mean(1), label="mean over tokens (first token excluded)")
+    a1.plot(norms[:, first].mean(1), label="first token of each sequence")
+    for j in aux_layers:
+        a1.axvline(j, color="C2", ls=":")
+    a1.set(yscale="log", xlabel="HF index j (hidden_states[j])", ylabel="L2 norm",
+           title="norm per layer (dotted: aux layers)")
+    a1.legend()
+    im = a2.imshow(cos, cmap="viridis", vmin=0, vmax=1)
+    a2.set(title="mean cosine similarity between layers", xlabel="j", ylabel="i")
+    fig.colorbar(im, ax=a2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_storage_error(rows: dict, blocks: list, title: str = "What storage loses, against a float32 reference"):
+    """Grouped bars (log scale) of relative L2 error per feature block, one bar per row of `rows`
+    ({name: [error per block]}); rows named "computed ..." are drawn grey."""
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / len(rows)
+    for i, (name, e) in enumerate(rows.items()):
+        ax.bar([b + i * width for b in range(len(blocks))], [max(v, 1e-12) for v in e], width, label=name,
+               color="C7" if name.startswith("computed") else f"C{i}")
+    ax.set_xticks([b + 0.4 - width / 2 for b in range(len(blocks))], blocks)
+    ax.set(yscale="log", ylabel="relative L2 error vs float32", title=title)
+    ax.legend(ncol=min(5, len(rows)), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_disk_cost(curves: dict, xlabel: str, reference: tuple | None = None):
+    """Feature-store size against dataset size, log-log: {name: (conversations, GB)}; `reference`
+    = (GB, label) draws a dotted line at a published figure."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for name, (xs, gb) in curves.items():
+        ax.plot(xs, gb, marker="o", label=name)
+    if reference:
+        ax.axhline(reference[0], color="k", ls=":", lw=1)
+        ax.text(min(min(xs) for xs, _ in curves.values()), reference[0] * 1.08, reference[1], fontsize=9)
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="disk (GB)", title="feature store size vs dataset size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -105,15 +105,23 @@ def coverage_curve(counts: torch.Tensor, sizes=None, rank_by: torch.Tensor | Non
     return list(sizes), [float(cum[min(k, len(cum)) - 1]) / total for k in sizes]
 
 
-def save_vocab_map(path: str | os.PathLike, d2t: torch.Tensor, t2d: torch.Tensor, meta: dict | None = None) -> Path:
-    """Write d2t/t2d as safetensors (the key names SGLang and vLLM load) with provenance."""
+def save_vocab_map(path: str | os.PathLike, d2t: torch.Tensor, t2d: torch.Tensor, meta: dict | None = None,
+                   counts: torch.Tensor | None = None) -> Path:
+    """Write d2t/t2d as safetensors (the key names SGLang and vLLM load) with provenance, and
+    optionally the token counts the map was chosen from (`load_vocab_counts` reads them back, so a
+    later stage can draw the coverage of exactly this map)."""
     from safetensors.torch import save_file
 
     check_vocab_map(d2t, t2d)
+    tensors = {"d2t": d2t.contiguous(), "t2d": t2d.contiguous()}
+    if counts is not None:
+        if counts.shape != t2d.shape:
+            raise VocabError(f"counts has {tuple(counts.shape)} entries, t2d {tuple(t2d.shape)}: "
+                             "count over the same target vocabulary")
+        tensors["counts"] = counts.to(torch.int64).contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"d2t": d2t.contiguous(), "t2d": t2d.contiguous()}, str(path),
-              metadata={"eaglebook": json.dumps(meta or {}, sort_keys=True)})
+    save_file(tensors, str(path), metadata={"eaglebook": json.dumps(meta or {}, sort_keys=True)})
     return path
 
 
@@ -125,3 +133,11 @@ def load_vocab_map(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor,
         meta = json.loads((f.metadata() or {}).get("eaglebook", "{}"))
     check_vocab_map(d2t, t2d)
     return d2t, t2d, meta
+
+
+def load_vocab_counts(path: str | os.PathLike) -> torch.Tensor | None:
+    """The token counts a saved map was chosen from, or None when it was saved without them."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("counts") if "counts" in f.keys() else None

@@ -45,6 +45,29 @@ def test_pipeline_has_one_box_per_notebook_and_marks_the_current_one():
     assert faces.count(orange) == 1 and faces[3] == orange
 
 
+def test_pipeline_draws_which_stage_outputs_are_on_disk(tmp_path):
+    import torch
+
+    from eaglebook import runner
+
+    paths = runner.notebook_paths()
+    stems = {p.stem[:2]: p.stem for p in paths}
+    # 01 writes its dataset and its vocabulary map; 03 its head: real files, as the notebooks write them
+    (tmp_path / stems["01"] / "regenerated").mkdir(parents=True)
+    vocab.save_vocab_map(tmp_path / stems["01"] / "vocab_map.safetensors",
+                         *vocab.build_vocab_map(torch.tensor([3, 0, 5, 1]), 2))
+    (tmp_path / stems["03"] / "draft").mkdir(parents=True)
+    (tmp_path / stems["03"] / "draft" / "config.json").write_text("{}")
+    (tmp_path / stems["02"] / "features").mkdir(parents=True)  # a capture that never finished: no index.json
+    status = viz.pipeline_status(tmp_path)
+    assert status == {n: n in ("01", "03") for n in stems}
+    fig = viz.plot_pipeline(highlight="02", run_dir=tmp_path)
+    marks = {t.get_gid(): t.get_text() for t in fig.axes[0].texts if (t.get_gid() or "").startswith("status-")}
+    assert marks == {f"status-{n}": ("\u2713 on disk" if n in ("01", "03") else "\u25cb not yet") for n in stems}
+    assert f"2 of {len(stems)} stages on disk" in fig.axes[0].get_title()
+    assert not any((t.get_gid() or "").startswith("status-") for t in viz.plot_pipeline(highlight="02").axes[0].texts)
+
+
 def test_accepted_tokens_one_box_per_token_coloured_by_step(smollm2):
     from eaglebook import decode
     from eaglebook.target import end_of_turn_ids
@@ -64,3 +87,30 @@ def test_accepted_tokens_one_box_per_token_coloured_by_step(smollm2):
     dashed = [t.get_bbox_patch().get_linestyle() == "--" for t in boxes]
     assert sum(dashed) == sum(1 for st in res.steps if len(st.new_tokens) == len(st.accepted_nodes))  # one bonus per full step
     assert str(len(res.steps)) in fig._suptitle.get_text()
+
+
+def test_hidden_state_figures_draw_what_they_are_given():
+    import torch
+    from transformers import Olmo3Config
+
+    from eaglebook import hidden_states as hs
+
+    olmo = Olmo3Config(num_hidden_layers=32)
+    why = hs.explain_aux_layers(32, hs.layer_types_of(olmo))
+    ax = viz.plot_aux_layer_choice({"olmo": (32, hs.layer_types_of(olmo), why["sglang"]),
+                                    "uniform": (30, None, hs.explain_aux_layers(30)["sglang"])}).axes[0]
+    squares, rings = ax.collections[0::2], ax.collections[1::2]
+    assert [len(s.get_offsets()) for s in squares] == [32, 30] and [len(r.get_offsets()) for r in rings] == [3, 3]
+    assert [int(x) for x, _ in rings[0].get_offsets()] == why["sglang"]  # the rings sit on the chosen layers
+
+    x = torch.randn(64, 4 * 8) * torch.logspace(0, 3, 4 * 8)  # real quantization on spread-out values
+    ref = {"aux_hidden": x[:, :24], "final_hidden": x[:, 24:]}
+    rows = {s: [r["rel_l2"] for r in hs.storage_error(ref, s, 8)] for s in ("bfloat16", "fp8-token")}
+    fig = viz.plot_storage_error({"computed in float32": [0.0] * 4, **rows}, ["a", "b", "c", "final"])
+    bars = fig.axes[0].patches
+    assert len(bars) == 3 * 4 and all(b.get_height() > 0 for b in bars)  # log scale: zeros drawn at a floor
+    assert [round(b.get_height(), 12) for b in bars[4:8]] == [round(e, 12) for e in rows["bfloat16"]]
+
+    curves = {"a": ([1e3, 1e4], [hs.disk_cost(n * 100, 576)["total_gb"] for n in (1e3, 1e4)])}
+    ax = viz.plot_disk_cost(curves, "conversations", (650, "published")).axes[0]
+    assert len(ax.lines) == 2 and ax.get_yscale() == "log"  # the curve and the reference line

@@ -82,3 +82,19 @@ def test_held_out_coverage_ranks_by_the_training_counts():
     assert vocab.coverage(held, t2d) == out[1]  # the same number the draft vocab map gives
     with pytest.raises(vocab.VocabError, match="rank_by"):
         vocab.coverage_curve(held, rank_by=train[:8])
+
+
+def test_a_saved_map_keeps_the_counts_it_was_chosen_from(tmp_path):
+    counts = vocab.trained_token_counts(toy_dataset(), 16)
+    d2t, t2d = vocab.build_vocab_map(counts, 3)
+    with_counts = vocab.save_vocab_map(tmp_path / "a.safetensors", d2t, t2d, {"source": "toy"}, counts=counts)
+    d, t, meta = vocab.load_vocab_map(with_counts)  # the engines' tensors and the provenance, as before
+    assert torch.equal(d, d2t) and torch.equal(t, t2d) and meta == {"source": "toy"}
+    back = vocab.load_vocab_counts(with_counts)
+    assert torch.equal(back, counts)
+    # the map is exactly the top of these counts: a later stage can redraw its coverage curve
+    assert vocab.coverage(back, t2d) == vocab.coverage_curve(back, [3])[1][0]
+    plain = vocab.save_vocab_map(tmp_path / "b.safetensors", d2t, t2d)
+    assert vocab.load_vocab_counts(plain) is None
+    with pytest.raises(vocab.VocabError, match="same target vocabulary"):
+        vocab.save_vocab_map(tmp_path / "c.safetensors", d2t, t2d, counts=counts[:8])
