@@ -124,7 +124,7 @@ PIPELINE_STAGES = {  # notebook number: (short title, what it does)
     "02": ("hidden states", "low/mid/high + final\nfeatures, stored"),
     "03": ("draft head", "one decoder layer\nover the features"),
     "04": ("TTT training", "the head learns to\nguess the target"),
-    "05": ("tree decoding", "draft, verify, accept:\nlossless speedup"),
+    "05": ("tree decoding", "draft, verify, accept:\nthe target's own tokens"),
     "06": ("benchmarks", "accept length, speedup;\nSGLang / vLLM"),
 }
 PIPELINE_STEPS = {  # what each notebook hands the next one (drawn on the arrow after it)
@@ -133,16 +133,46 @@ PIPELINE_STEPS = {  # what each notebook hands the next one (drawn on the arrow 
 }
 
 
-def plot_pipeline(notebooks: list | None = None, highlight: str | None = None):
-    """The suite as a pipeline: one box per numbered notebook (its number on its own, a short title,
-    what it does) and, on each arrow, what it hands the next one. `highlight` ("00".."06") marks
-    the notebook the reader is in."""
+PIPELINE_OUTPUTS = {  # what each notebook leaves in run_dir for the next one, relative to its own folder
+    "00": ("results.json",),
+    "01": ("regenerated", "vocab_map.safetensors"),
+    "02": ("features/index.json",),
+    "03": ("draft/config.json",),
+    "04": ("draft/config.json",),
+    "05": ("results.json",),
+    "06": ("results.json",),
+}
+DONE_COLOR, MISSING_COLOR = "#2a9d8f", "#9e9e9e"
+
+
+def pipeline_status(run_dir, notebooks: list | None = None) -> dict[str, bool]:
+    """Which stages' outputs are on disk in `run_dir`: {"01": True, ...}. A stage counts as done
+    when every file of `PIPELINE_OUTPUTS` is in its folder `{run_dir}/{NN-slug}/`."""
+    from pathlib import Path
+
     from .runner import notebook_paths
 
-    nums = [p.stem[:2] for p in (notebooks or notebook_paths())]
+    run_dir = Path(run_dir)
+    status = {}
+    for p in notebooks or notebook_paths():
+        num = p.stem[:2]
+        status[num] = all((run_dir / p.stem / f).exists() for f in PIPELINE_OUTPUTS.get(num, ("results.json",)))
+    return status
+
+
+def plot_pipeline(notebooks: list | None = None, highlight: str | None = None, run_dir=None):
+    """The suite as a pipeline: one box per numbered notebook (its number on its own, a short title,
+    what it does) and, on each arrow, what it hands the next one. `highlight` ("00".."06") marks
+    the notebook the reader is in. With `run_dir`, each box also says whether that stage's
+    outputs are on disk there (a later notebook reads them, or builds small ones itself)."""
+    from .runner import notebook_paths
+
+    paths = notebooks or notebook_paths()
+    nums = [p.stem[:2] for p in paths]
+    status = pipeline_status(run_dir, paths) if run_dir is not None else None
     n = len(nums)
-    fig, ax = plt.subplots(figsize=(2.3 * n, 2.4))
-    w, h, gap = 1.55, 1.35, 0.75
+    fig, ax = plt.subplots(figsize=(2.3 * n, 2.9 if status else 2.5))
+    w, h, gap = 1.6, 1.4, 0.8
     for i, num in enumerate(nums):
         name, what = PIPELINE_STAGES.get(num, ("", ""))
         x = i * (w + gap)
@@ -150,19 +180,28 @@ def plot_pipeline(notebooks: list | None = None, highlight: str | None = None):
         ax.add_patch(FancyBboxPatch((x, 0), w, h, boxstyle="round,pad=0.04",
                                     facecolor="#ffd6a5" if here else TRAINABLE,
                                     edgecolor="#e76f51" if here else "#4a6fa5", lw=2.2 if here else 1.2))
-        ax.text(x + w / 2, h - 0.22, num, ha="center", va="center", fontsize=11, weight="bold")
-        ax.text(x + w / 2, h - 0.5, name, ha="center", va="center", fontsize=9, weight="bold")
-        ax.text(x + w / 2, 0.35, what, ha="center", va="center", fontsize=7.5, color="#333333")
+        ax.text(x + w / 2, h - 0.2, num, ha="center", va="center", fontsize=12, weight="bold")
+        ax.text(x + w / 2, h - 0.48, name, ha="center", va="center", fontsize=10, weight="bold")
+        ax.text(x + w / 2, 0.36, what, ha="center", va="center", fontsize=8, color="#333333")
+        if status is not None:
+            done = status[num]
+            ax.text(x + w / 2, -0.3, "\u2713 on disk" if done else "\u25cb not yet", ha="center", va="center",
+                    fontsize=9, color=DONE_COLOR if done else MISSING_COLOR, weight="bold" if done else "normal",
+                    gid=f"status-{num}")
         if i < n - 1:
             ax.annotate("", xy=(x + w + gap - 0.03, h / 2), xytext=(x + w + 0.03, h / 2),
                         arrowprops=dict(arrowstyle="-|>", color="#555555", lw=1.3))
             ax.text(x + w + gap / 2, h / 2 + 0.1, PIPELINE_STEPS.get(num, ""), ha="center", va="bottom",
-                    fontsize=6.5, color="#555555", style="italic")
+                    fontsize=7, color="#555555", style="italic")
     ax.set_xlim(-0.15, n * (w + gap) - gap + 0.15)
-    ax.set_ylim(-0.2, h + 0.2)
+    ax.set_ylim(-0.55 if status else -0.2, h + 0.2)
     ax.axis("off")
-    ax.set_title("eaglebook: one notebook per stage, each reads what the one before wrote into run_dir"
-                 + ("  (you are here: orange)" if highlight else ""), fontsize=10)
+    title = "eaglebook: one notebook per stage, each reads what the one before wrote into run_dir"
+    if highlight:
+        title += "  (you are here: orange)"
+    if status is not None:
+        title += f"\n{run_dir}: {sum(status.values())} of {n} stages on disk"
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 

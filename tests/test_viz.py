@@ -45,6 +45,29 @@ def test_pipeline_has_one_box_per_notebook_and_marks_the_current_one():
     assert faces.count(orange) == 1 and faces[3] == orange
 
 
+def test_pipeline_draws_which_stage_outputs_are_on_disk(tmp_path):
+    import torch
+
+    from eaglebook import runner
+
+    paths = runner.notebook_paths()
+    stems = {p.stem[:2]: p.stem for p in paths}
+    # 01 writes its dataset and its vocabulary map; 03 its head: real files, as the notebooks write them
+    (tmp_path / stems["01"] / "regenerated").mkdir(parents=True)
+    vocab.save_vocab_map(tmp_path / stems["01"] / "vocab_map.safetensors",
+                         *vocab.build_vocab_map(torch.tensor([3, 0, 5, 1]), 2))
+    (tmp_path / stems["03"] / "draft").mkdir(parents=True)
+    (tmp_path / stems["03"] / "draft" / "config.json").write_text("{}")
+    (tmp_path / stems["02"] / "features").mkdir(parents=True)  # a capture that never finished: no index.json
+    status = viz.pipeline_status(tmp_path)
+    assert status == {n: n in ("01", "03") for n in stems}
+    fig = viz.plot_pipeline(highlight="02", run_dir=tmp_path)
+    marks = {t.get_gid(): t.get_text() for t in fig.axes[0].texts if (t.get_gid() or "").startswith("status-")}
+    assert marks == {f"status-{n}": ("\u2713 on disk" if n in ("01", "03") else "\u25cb not yet") for n in stems}
+    assert f"2 of {len(stems)} stages on disk" in fig.axes[0].get_title()
+    assert not any((t.get_gid() or "").startswith("status-") for t in viz.plot_pipeline(highlight="02").axes[0].texts)
+
+
 def test_accepted_tokens_one_box_per_token_coloured_by_step(smollm2):
     from eaglebook import decode
     from eaglebook.target import end_of_turn_ids
