@@ -187,10 +187,11 @@ def check_05(r):
     assert s["draws"] == 1000 and s["children"] and s["p_value"] > 1e-3
     assert abs(s["child_accepted_share"] - s["children_p"]) < 4 * (0.25 / s["draws"]) ** 0.5
     # the draft setting for the learner's head: acceptance per depth, a prediction per setting, the argmax run
-    n = r["steps_reaching_depth"]
-    assert len(r["accept_per_depth"]) == 3 and len(n) == 4 and all(a >= b for a, b in zip(n, n[1:]))
+    for family in ("chain", "tree"):  # CI: a chain of 3 and the tree s3-k4-n12
+        n = r["steps_reaching_depth"][family]
+        assert len(r["accept_per_depth"][family]) == 3 and len(n) == 4 and all(a >= b for a, b in zip(n, n[1:]))
     pred = r["setting_prediction"]
-    assert [p["setting"] for p in pred][:3] == ["s1-k1-n2", "s2-k1-n3", "s3-k1-n4"] and len(pred) == 4
+    assert [p["setting"] for p in pred] == ["s1-k1-n2", "s2-k1-n3", "s3-k1-n4", "s1-k4-n5", "s2-k4-n12", "s3-k4-n12"]
     assert r["chosen_setting"] == max(pred, key=lambda p: p["predicted"])["setting"]
     assert r["chosen_speedup"] > 0 and len(r["chosen_per_prompt"]) == r["n_prompts"]
     assert all(len(v) == r["n_prompts"] for v in r["speedup_per_prompt"].values())
