@@ -311,7 +311,7 @@ def plot_headline(result: dict, path=None):
         ax.bar([i - 0.2 for i in x], [r.get(key) or 0 for r in rows], 0.4, label="all prompts")
         ax.bar([i + 0.2 for i in x], [r.get(clean) or 0 for r in rows], 0.4, label="no loops / cut-offs")
         ax.axhline(1.0 if key == "speedup" else 1.0, color="grey", lw=0.8)
-        ax.axhline(target, color="tab:red", ls="--", lw=1, label=f"target {target}")
+        ax.axhline(target, color="tab:red", ls="--", lw=1, label=f"project goal {target}")
         ax.set_xticks(list(x), names, fontsize=8, rotation=35 if wide else 0, ha="right" if wide else "center")
         ax.set_title(title)
         ax.legend(fontsize=8)

@@ -771,3 +771,122 @@ def plot_disk_cost(curves: dict, xlabel: str, reference: tuple | None = None):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------
+# Notebooks 04-06: survivors, sampling, the draft setting for a head, spread of speedups
+# --------------------------------------------------------------------------------------
+
+def plot_conditional_accuracy(runs: dict[str, dict], title: str | None = None):
+    """Conditional accuracy per TTT position with the number of positions it is measured on.
+
+    `runs` maps a name to {"cond": [c_0, ...], "survivors": [n_0, ...]}: c_k is measured only
+    over the n_k positions where steps 0..k-1 were all right, so a late c_k over a handful of
+    survivors is a noisy estimate, not a head that got better at step k."""
+    import numpy as np
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
+    w = 0.8 / max(1, len(runs))
+    for i, (name, r) in enumerate(runs.items()):
+        x = np.arange(len(r["cond"])) + i * w
+        bars = a.bar(x, r["cond"], w, label=name)
+        for xi, c, n in zip(x, r["cond"], r["survivors"]):
+            a.annotate(f"{int(n)}", (xi, c), ha="center", va="bottom", fontsize=7)
+        b.plot(np.arange(len(r["survivors"])), r["survivors"], "o-", color=bars.patches[0].get_facecolor(),
+               label=name)
+    k = max(len(r["cond"]) for r in runs.values())
+    a.set_xticks(np.arange(k) + w * (len(runs) - 1) / 2, [str(i) for i in range(k)])
+    a.set_xlabel("TTT position k (bar label: positions measured)")
+    a.set_ylabel("conditional accuracy")
+    a.legend(fontsize=8)
+    b.set_yscale("log")
+    b.set_xticks(range(k))
+    b.set_xlabel("TTT position k")
+    b.set_ylabel("positions with steps 0..k-1 right")
+    b.legend(fontsize=8)
+    fig.suptitle(title or "Conditional accuracy, and how many positions it is measured on", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sampling_check(p, observed: dict[str, list[int]], tokens: list[int], labels: list[str],
+                        children: list[int] = (), title: str | None = None):
+    """Bars of the target's probability p over `tokens` (plus 'other') beside the empirical
+    frequencies of each sampler in `observed` (name -> list of emitted token ids); the draft's
+    children are marked with a star."""
+    import numpy as np
+
+    p = np.asarray(p, dtype=float)
+    shown = list(tokens)
+    x = np.arange(len(shown) + 1)
+    fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(x) + 2), 3.6))
+    series = {"target p": np.append(p[shown], max(0.0, 1 - p[shown].sum()))}
+    for name, seen in observed.items():
+        seen = np.asarray(seen)
+        freq = [(seen == t).mean() for t in shown]
+        series[f"{name} ({len(seen)} draws)"] = np.append(freq, 1 - sum(freq))
+    w = 0.8 / len(series)
+    for i, (name, v) in enumerate(series.items()):
+        ax.bar(x + i * w, v, w, label=name, color="#adb5bd" if i == 0 else None)
+    star = set(children)
+    ax.set_xticks(x + w * (len(series) - 1) / 2,
+                  [("*" if t in star else "") + lab for t, lab in zip(shown, labels)] + ["other"],
+                  rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("probability / frequency")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Emitted token: sampled by the tree rule vs the target's distribution (* = drafted child)",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_setting_prediction(rows: list[dict], title: str | None = None):
+    """Predicted speedup per draft setting (bars) with the measured speedups where a setting was run
+    (dots: the run's total; small ticks: each prompt's own ratio). Each row: setting, predicted,
+    optionally measured and per_prompt."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 3.6))
+    x = np.arange(len(rows))
+    ax.bar(x, [r["predicted"] for r in rows], 0.6, color="#cfe3ff", edgecolor="#4a7bb7", label="predicted")
+    labelled = False
+    for i, r in enumerate(rows):
+        if r.get("per_prompt"):
+            ax.scatter([i] * len(r["per_prompt"]), r["per_prompt"], marker="_", s=120, color="grey",
+                       label=None if labelled else "measured, per prompt")
+        if r.get("measured") is not None:
+            ax.scatter([i], [r["measured"]], color="tab:red", zorder=3,
+                       label=None if labelled else "measured, all prompts")
+            labelled = True
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xticks(x, [r["setting"] for r in rows], fontsize=8, rotation=20, ha="right")
+    ax.set_ylabel("speedup over greedy (x)")
+    ax.set_title(title or "Cost-model prediction per draft setting, and what was measured", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_speedup_spread(per_prompt: dict[str, list[float]], title: str | None = None):
+    """One row per configuration: every prompt's own speedup (dots), their median (bar) and the
+    1.0x line, so a reader sees the spread behind a single headline number."""
+    import numpy as np
+
+    names = list(per_prompt)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.4))
+    for i, name in enumerate(names):
+        v = np.asarray(per_prompt[name], dtype=float)
+        if not v.size:
+            continue
+        jitter = np.linspace(-0.15, 0.15, v.size) if v.size > 1 else np.zeros(1)
+        ax.scatter(v, i + jitter, s=18, alpha=0.7, color="tab:blue")
+        ax.plot([np.median(v)] * 2, [i - 0.3, i + 0.3], color="tab:red", lw=2)
+        ax.annotate(f"median {np.median(v):.2f}x, {v.min():.2f}-{v.max():.2f}x", (v.max(), i),
+                    textcoords="offset points", xytext=(6, -3), fontsize=8)
+    ax.axvline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("speedup over greedy, per prompt (x)")
+    ax.set_title(title or "Per-prompt speedups (red: median)", fontsize=10)
+    ax.margins(x=0.25)
+    fig.tight_layout()
+    return fig

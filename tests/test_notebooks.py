@@ -6,6 +6,7 @@ without a check here fails, as does a CI parameter its parameters cell does not 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,13 @@ def check_06(r):
         if r["dtype"] == "float32":  # greedy, every lane: the baseline's tokens (or a float tie)
             assert all(x["lossless_ok"] == x["checked"] == 2 for x in lanes.values() if x["lane"] != "baseline")
         assert r["head_to_head"]["prompts"] == 2 and "lanes.png" in r["files"]
-    assert {c["concurrency"] for c in r["concurrency"]} == {1, 2}
+    assert {c["concurrency"] for c in r["concurrency"]} == {1, 2}  # the appendix runs when concurrency is set
+    if r["backend"] == "inprocess":  # every lane's per-prompt speedups
+        assert set(r["lane_spread"]) == {"eagle s2-k1-n3", "eagle s2-k2-n4", "eagle s2-k1-n3+ng2", "generate",
+                                         "prompt_lookup pld3"}
+    assert all(len(v) == 2 and all(x > 0 for x in v) for v in r["lane_spread"].values())
+    if r["learner_head"]:
+        assert {x["head"] for x in r["learner_head"]} == {"shipped / chosen head", "your head (notebook 04)"}
     if r["backend"] == "inprocess" and r["dtype"] == "float32":
         assert r["identical_share"] == 1.0
     assert {"speedup_by_category.png", "throughput_vs_accept_length.png", "concurrency.png",
@@ -134,12 +141,24 @@ def check_04(r):
     assert len(r["acc_per_position"]) == r["ttt_steps"] == 7
     assert 1.0 <= r["tau_sim"] <= r["ttt_steps"] + 1
     assert r["train_tok_s"] > 0 and r["steps"] == 30
-    assert r["draft_vocab_size"] == 4096 and 0 <= r["dropped_frac"] < 0.5
+    assert 0 <= r["dropped_frac"] < 0.5
+    head_03 = Path(r["run_dir"]) / "03-draft-head" / "draft" / "config.json"
+    if head_03.is_file():  # it trained the head 03 built, over 01's (or 03's) vocabulary
+        assert r["head_source"].startswith("notebook 03's head")
+        assert r["draft_vocab_size"] == json.loads(head_03.read_text())["draft_vocab_size"]
+    else:
+        assert r["draft_vocab_size"] == 4096 and r["head_source"].startswith("built here")
+    # conditional accuracy carries the positions it rests on: survivors only ever thin out
+    for chain in r["survivors"].values():
+        n = chain["survivors"]
+        assert len(n) == len(chain["cond"]) == r["ttt_steps"] and n[0] > 0
+        assert all(a >= b for a, b in zip(n, n[1:]))
+    assert all(abs(a - r["final"][f"eval_cond_acc_{k}"]) < 1e-3 for k, a in enumerate(r["survivors"]["yours"]["cond"]))
     # the shipped head, evaluated on the same held-out features at the same positions
     assert len(r["shipped_acc_per_position"]) == r["ttt_steps"]
     assert r["shipped"]["eval_acc_0"] > r["untrained"]["eval_acc_0"]
     assert r["tau_sim_shipped"] == r["shipped"]["eval_tau_sim"] and 1.0 <= r["tau_sim_shipped"] <= r["ttt_steps"] + 1
-    assert {"ttt_mask.png", "training_curves.png", "step_accuracy.png"} <= set(r["files"])
+    assert {"ttt_mask.png", "training_curves.png", "step_accuracy.png", "conditional_accuracy.png"} <= set(r["files"])
     assert (Path(r["draft_dir"]) / "eaglebook.json").is_file()
 
 def check_01(r):
@@ -180,7 +199,21 @@ def check_05(r):
     assert r["speed_dtype"] == "bfloat16" and r["n_prompts"] == 2
     assert r["accept_length_mean"] >= 1.0 and r["speedup"] > 0 and r["predicted_speedup"] > 0
     assert {"chain", "tree"} <= set(r["settings"])
-    assert {"draft_tree.png", "tree_mask.png", "accept_lengths.png", "heads.png"} <= set(r["files"])
+    assert {"draft_tree.png", "tree_mask.png", "accept_lengths.png", "heads.png", "sampling_check.png",
+            "speedup_spread.png", "setting_prediction.png"} <= set(r["files"])
+    # sampling: the hand-written rule equalled the engine's on every seed, and its tokens follow p
+    s = r["sampling"]
+    assert s["draws"] == 1000 and s["children"] and s["p_value"] > 1e-3
+    assert abs(s["child_accepted_share"] - s["children_p"]) < 4 * (0.25 / s["draws"]) ** 0.5
+    # the draft setting for the learner's head: acceptance per depth, a prediction per setting, the argmax run
+    for family in ("chain", "tree"):  # CI: a chain of 3 and the tree s3-k4-n12
+        n = r["steps_reaching_depth"][family]
+        assert len(r["accept_per_depth"][family]) == 3 and len(n) == 4 and all(a >= b for a, b in zip(n, n[1:]))
+    pred = r["setting_prediction"]
+    assert [p["setting"] for p in pred] == ["s1-k1-n2", "s2-k1-n3", "s3-k1-n4", "s1-k4-n5", "s2-k4-n12", "s3-k4-n12"]
+    assert r["chosen_setting"] == max(pred, key=lambda p: p["predicted"])["setting"]
+    assert r["chosen_speedup"] > 0 and len(r["chosen_per_prompt"]) == r["n_prompts"]
+    assert all(len(v) == r["n_prompts"] for v in r["speedup_per_prompt"].values())
     from eaglebook.export import SHIPPED_HEADS
 
     if (SHIPPED_HEADS["smollm2-135m-eagle3"] / "config.json").is_file():  # a learner gets the trained head
@@ -188,8 +221,9 @@ def check_05(r):
     if (Path(r["run_dir"]) / "04-ttt-training" / "draft" / "config.json").is_file():  # 04 ran: yours beside it
         assert r["yours"] and r["yours"]["accept_length"] >= 1.0 and "yours (tree)" in r["lossless"]
         assert r["lossless"]["yours (tree)"]["lossless_ok"]
+        assert r["tuned_head"] == "your head (04)"
     else:
-        assert r["yours"] is None
+        assert r["yours"] is None and r["tuned_head"].startswith("the shipped head")
     if (Path(r["run_dir"]) / "02-hidden-states" / "features" / "index.json").is_file():  # an EAGLE-2 style head
         assert r["eagle2"]["lossless_ok"] and r["eagle2"]["accept_length"] >= 1.0
 

@@ -114,3 +114,42 @@ def test_hidden_state_figures_draw_what_they_are_given():
     curves = {"a": ([1e3, 1e4], [hs.disk_cost(n * 100, 576)["total_gb"] for n in (1e3, 1e4)])}
     ax = viz.plot_disk_cost(curves, "conversations", (650, "published")).axes[0]
     assert len(ax.lines) == 2 and ax.get_yscale() == "log"  # the curve and the reference line
+
+
+def test_conditional_accuracy_shows_how_many_positions_each_bar_rests_on():
+    runs = {"a": {"cond": [0.5, 0.4, 0.9], "survivors": [200, 100, 10]},
+            "b": {"cond": [0.6, 0.5, 0.2], "survivors": [200, 120, 60]}}
+    fig = viz.plot_conditional_accuracy(runs)
+    bars, counts = fig.axes[0], fig.axes[1]
+    assert [round(p.get_height(), 3) for p in bars.patches] == [0.5, 0.4, 0.9, 0.6, 0.5, 0.2]
+    assert sorted(t.get_text() for t in bars.texts) == sorted(["200", "100", "10", "200", "120", "60"])
+    assert [list(line.get_ydata()) for line in counts.lines] == [[200, 100, 10], [200, 120, 60]]
+
+
+def test_sampling_check_draws_p_beside_each_sampler_with_the_rest_pooled():
+    import numpy as np
+
+    p = np.zeros(10)
+    p[[2, 5, 7]] = [0.5, 0.3, 0.2]
+    draws = {"rule": [2] * 6 + [5] * 3 + [7]}
+    fig = viz.plot_sampling_check(p, draws, tokens=[2, 5], labels=["x", "y"], children=[5])
+    heights = [round(b.get_height(), 3) for b in fig.axes[0].patches]
+    assert heights == [0.5, 0.3, 0.2, 0.6, 0.3, 0.1]  # p then frequencies, each with 'other' last
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["x", "*y", "other"]
+
+
+def test_setting_prediction_bars_are_predictions_and_dots_are_measurements():
+    rows = [{"setting": "s1-k1-n2", "predicted": 1.1}, {"setting": "s2-k1-n3", "predicted": 1.2, "measured": 1.15,
+                                                        "per_prompt": [1.0, 1.3]}]
+    fig = viz.plot_setting_prediction(rows)
+    ax = fig.axes[0]
+    assert [round(b.get_height(), 3) for b in ax.patches] == [1.1, 1.2]
+    offsets = [c.get_offsets().tolist() for c in ax.collections]
+    assert [[1, 1.0], [1, 1.3]] in offsets and [[1, 1.15]] in offsets
+
+
+def test_speedup_spread_marks_each_prompt_and_the_median():
+    fig = viz.plot_speedup_spread({"tree": [0.9, 1.2, 1.5], "chain": [1.1]})
+    ax = fig.axes[0]
+    assert len(ax.collections[0].get_offsets()) == 3 and len(ax.collections[1].get_offsets()) == 1
+    assert any("median 1.20x, 0.90-1.50x" == t.get_text() for t in ax.texts)
