@@ -53,7 +53,8 @@ def test_custom_layers_flow_from_capture_to_decoding(smollm2, custom_store, tmp_
     item = FeatureDataset(custom_store)[0]
     ids = item["input_ids"][None]
     _, feats = dec._target(ids, torch.arange(ids.shape[1])[None], decode.DynamicCache())
-    torch.testing.assert_close(feats[0], item["aux_hidden"], rtol=1e-5, atol=1e-4)
+    # batched capture and a single-sequence forward sum in another order (oneDNN picks kernels by shape)
+    torch.testing.assert_close(feats[0], item["aux_hidden"], rtol=1e-4, atol=1e-4)
     prompt = decode.render_prompt_ids(tok, [{"role": "user", "content": "Name three primes."}])
     assert decode.check_lossless(decode.baseline_decode(model, prompt, 16, [2]), dec.generate(prompt, 16).token_ids)["ok"]
 
