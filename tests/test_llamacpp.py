@@ -259,7 +259,7 @@ def test_parse_completion_response_counts_target_passes():
 def _args(tmp_path, binary, head, port, **kw) -> BenchArgs:
     base = dict(backend="llamacpp", suite="mt-bench", limit=4, max_new_tokens=16, warmup=1, draft=str(head),
                 llama_server=str(binary), port=port, json=str(tmp_path / "out.json"), startup_timeout=30.0,
-                request_timeout=30.0)
+                request_timeout=30.0, num_steps=3)
     base.update(kw)
     return BenchArgs(**base)
 
@@ -333,10 +333,10 @@ def test_llamacpp_server_that_cannot_load_its_model_is_reported(tmp_path, standi
 @needs_engine
 @pytest.mark.timeout(600)
 def test_llama_server_serves_the_shipped_head_losslessly(tmp_path, head_gguf):
-    n_max = "3"
+    n_max = 3
     # one thread: OpenMP's two-thread barriers crawl on a CPU other jobs share; this checks behaviour, not speed
     args = BenchArgs(backend="llamacpp", suite="mt-bench", limit=4, max_new_tokens=64, warmup=1, draft=HEAD,
-                     spec_draft_n_max=n_max, ngram_modes="ngram-mod", threads=1, port=free_port(3),
+                     num_steps=n_max, ngram_modes="ngram-mod", threads=1, port=free_port(3),
                      json=str(tmp_path / "llamacpp.json"))
     res = bench.run_benchmark(args, progress=False)
     lanes = {r["lane"]: r for r in res["lanes"]}

@@ -82,8 +82,6 @@ class BenchArgs:
     log_dir: str = field(default="", metadata={"help": "server logs (default: beside --json, else runs/bench-logs)"})
     run_dir: str = field(default="", metadata={"help": "suite sharegpt: the run folder notebook 01 saved its hold-out split in"})
     target_gguf: str = field(default="", metadata={"help": "llamacpp: the target as GGUF (default: an embedded target's own)"})
-    spec_draft_n_max: str = field(default="3", metadata={"help": "llamacpp: one EAGLE-3 lane per --spec-draft-n-max "
-                                                                 "value, e.g. '2 3 5' ('' = no EAGLE lane)"})
     spec_draft_p_min: float = field(default=0.0, metadata={"help": "llamacpp: --spec-draft-p-min of the EAGLE-3 lanes"})
     ngram_modes: str = field(default="ngram-simple ngram-mod", metadata={"help": "llamacpp: its n-gram modes as peers, "
                                                                                   "each a lane ('' = none)"})
@@ -215,11 +213,10 @@ def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = Tru
               "concurrency_levels": levels, "temperatures": temps, "prompts": len(prompts), **(vllm.config if vllm else {})}
     if args.prompts:
         config.update(prompts_file_record(args.prompts))
-    if backend == "llamacpp":  # its lanes are --spec_draft_n_max values, not SGLang draft settings
-        from .llamacpp import llamacpp_lanes, parse_ints
+    if backend == "llamacpp":  # its lanes are chain lengths (and p-min), labelled llama.cpp's way
+        from .llamacpp import draft_lengths, llamacpp_lanes
 
-        labels = [ln.config for ln in llamacpp_lanes(parse_ints(args.spec_draft_n_max, "--spec_draft_n_max"),
-                                                     args.spec_draft_p_min) if ln.mode == "eagle"]
+        labels = [ln.config for ln in llamacpp_lanes(draft_lengths(args), args.spec_draft_p_min) if ln.mode == "eagle"]
         config.update(settings=labels, main_config=labels[0] if labels else "")
     if args.resume and not args.json:
         raise BenchError("--resume continues the run saved in --json: give --json")

@@ -209,11 +209,12 @@ NGRAM_MODES = ("ngram-simple", "ngram-mod", "ngram-map-k", "ngram-map-k4v", "ngr
 
 
 def llamacpp_lanes(n_max: list[int], p_min: float = 0.0, ngram_modes: list[str] = ()) -> list[LlamaCppLane]:
-    """Plain greedy, one EAGLE-3 lane per `--spec-draft-n-max` value, and each n-gram mode (its own defaults)."""
+    """Plain greedy, one EAGLE-3 lane per draft length (llama.cpp's `--spec-draft-n-max`), and each
+    n-gram mode (its own defaults)."""
     lanes = [LlamaCppLane("baseline", "")]
     for n in n_max:
         if n < 1:
-            raise BenchError(f"--spec_draft_n_max {n}: draft at least 1 token")
+            raise BenchError(f"--num_steps {n}: draft at least 1 token")
         label = f"n{n}" + (f"-p{p_min:g}" if p_min else "")
         lanes.append(LlamaCppLane("eagle", label, ["--spec-type", "draft-eagle3", "--spec-draft-n-max", str(n),
                                                    "--spec-draft-p-min", f"{p_min:g}"]))
@@ -345,13 +346,24 @@ def parse_ints(text: str, what: str) -> list[int]:
         raise BenchError(f"{what} {text!r}: write whole numbers like '3 5'") from None
 
 
+def draft_lengths(args, say: bool = False) -> list[int]:
+    """llama.cpp's EAGLE-3 drafts a chain: one lane per setting (`--num_steps`, or each `--sweep`
+    entry), its num_steps being `--spec-draft-n-max`; topk and num_draft_tokens do not apply."""
+    from .command import parse_settings
+
+    settings = parse_settings(args)
+    if say and any(s.topk != 1 for s in settings) and args.sweep:
+        print("llama.cpp's EAGLE-3 drafts a chain: each setting's num_steps is its --spec-draft-n-max")
+    return list(dict.fromkeys(s.num_steps for s in settings))
+
+
 def llamacpp_setup(args) -> tuple[LlamaCppConfig, list[LlamaCppLane]]:
     """The shared config and the lanes from `eaglebook bench` arguments (nothing started yet)."""
     from .command import parse_levels
 
     binary = llama_server_binary(args.llama_server)
     model = target_gguf(args.target, args.target_gguf)
-    n_max = parse_ints(args.spec_draft_n_max, "--spec_draft_n_max")
+    n_max = draft_lengths(args, say=True)
     ngram = [m for m in args.ngram_modes.replace(",", " ").split()]
     lanes = llamacpp_lanes(n_max, args.spec_draft_p_min, ngram)
     draft = None
