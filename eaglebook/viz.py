@@ -890,3 +890,47 @@ def plot_speedup_spread(per_prompt: dict[str, list[float]], title: str | None = 
     ax.margins(x=0.25)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------
+# Notebook 06: the head in serving engines
+# --------------------------------------------------------------------------------------
+
+def engine_cost_rows(engine: str, result: dict, eagle_mode: str = "eagle") -> list[dict]:
+    """One row per EAGLE lane of a `bench` result: the greedy step (ms per token of the run's own
+    baseline) against one EAGLE cycle (ms per target pass = accept_length / tok/s), and the cycle in
+    greedy steps: the lane beats greedy where its accept length exceeds that (speedup = accept_length
+    / cycle_in_steps)."""
+    lanes = result.get("lanes") or []
+    base = next((r for r in lanes if r["mode"] == "baseline"), None)
+    if base is None or not base.get("tok_s"):
+        return []
+    step = 1000.0 / base["tok_s"]
+    rows = []
+    for r in lanes:
+        if r["mode"] != eagle_mode or not r.get("tok_s") or not r.get("accept_length"):
+            continue
+        cycle = 1000.0 * r["accept_length"] / r["tok_s"]
+        rows.append({"engine": engine, "lane": r["config"], "greedy_ms": round(step, 2), "cycle_ms": round(cycle, 2),
+                     "cycle_in_steps": round(cycle / step, 2), "accept_length": r["accept_length"],
+                     "speedup": r.get("speedup")})
+    return rows
+
+
+def plot_engine_costs(rows: list[dict], title: str | None = None):
+    """Per engine and EAGLE lane: one draft-and-verify cycle measured in greedy steps (bar) beside the
+    accept length (dot). EAGLE pays where the dot sits above the bar: speedup = accept_length / cycle."""
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(rows) + 2), 3.8))
+    x = range(len(rows))
+    ax.bar(x, [r["cycle_in_steps"] for r in rows], color="C7", label="one EAGLE cycle, in greedy steps")
+    ax.scatter(x, [r["accept_length"] for r in rows], color="C2", zorder=3, s=60, label="tokens per cycle (accept length)")
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['speedup']:.2f}x" if r.get("speedup") else "", (i, max(r["cycle_in_steps"], r["accept_length"])),
+                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=9)
+    ax.set_xticks(list(x), [f"{r['engine']}\n{r['lane']}" for r in rows], fontsize=8)
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    ax.set_ylabel("greedy steps / tokens")
+    ax.set_title(title or "Where EAGLE pays: tokens per cycle above the cycle's cost (label: measured speedup)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig

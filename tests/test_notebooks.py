@@ -92,6 +92,15 @@ def check_02(r):
     assert 79.9 < r["example_32b_mib_per_2k_sample"] < 80.1
     assert r["rtx3090_llama8b_batch_at_2048"] >= 1
 
+def _llama_server_built() -> bool:
+    from eaglebook.bench import BenchError, llama_server_binary
+
+    try:
+        return bool(llama_server_binary())
+    except BenchError:
+        return False
+
+
 def check_06(r):
     assert r["backend"] in ("inprocess", "sglang", "openai")
     assert r["prompts"] == 2 and r["per_category"], "every prompt paired, per category"
@@ -110,7 +119,12 @@ def check_06(r):
     assert {c["concurrency"] for c in r["concurrency"]} == {1, 2}  # the appendix runs when concurrency is set
     if r["backend"] == "inprocess":  # every lane's per-prompt speedups
         assert set(r["lane_spread"]) == {"eagle s2-k1-n3", "eagle s2-k2-n4", "eagle s2-k1-n3+ng2", "generate",
-                                         "prompt_lookup pld3"}
+                                         "prompt_lookup pld3-m3"}
+    assert r["engines"][0]["engine"] == "eaglebook"  # 6.10: eaglebook's own cycle first, then each installed engine
+    if _llama_server_built():  # the shipped head served by llama.cpp beside its greedy and its n-gram mode
+        shipped = {x["lane"]: x for x in r["engine_lanes"] if x["engine"] == "llama.cpp, shipped head"}
+        assert set(shipped) == {"baseline", "eagle n1", "eagle n3", "prompt_lookup ngram-mod"}
+        assert shipped["eagle n1"]["accept_length"] > 1.0 and shipped["eagle n1"]["checked"] == 2
     assert all(len(v) == 2 and all(x > 0 for x in v) for v in r["lane_spread"].values())
     if r["learner_head"]:
         assert {x["head"] for x in r["learner_head"]} == {"shipped / chosen head", "your head (notebook 04)"}

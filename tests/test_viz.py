@@ -153,3 +153,16 @@ def test_speedup_spread_marks_each_prompt_and_the_median():
     ax = fig.axes[0]
     assert len(ax.collections[0].get_offsets()) == 3 and len(ax.collections[1].get_offsets()) == 1
     assert any("median 1.20x, 0.90-1.50x" == t.get_text() for t in ax.texts)
+
+
+def test_engine_costs_put_each_cycle_in_greedy_steps_beside_its_accept_length():
+    result = {"lanes": [{"mode": "baseline", "config": "", "tok_s": 100.0},
+                        {"mode": "eagle", "config": "n3", "tok_s": 50.0, "accept_length": 1.6, "speedup": 0.5},
+                        {"mode": "prompt_lookup", "config": "ngram-mod", "tok_s": 99.0, "accept_length": None}]}
+    rows = viz.engine_cost_rows("llama.cpp", result)
+    assert [(r["lane"], r["greedy_ms"], r["cycle_ms"], r["cycle_in_steps"]) for r in rows] == [("n3", 10.0, 32.0, 3.2)]
+    assert rows[0]["accept_length"] / rows[0]["cycle_in_steps"] == 0.5 == rows[0]["speedup"]  # 1.6 tokens per 3.2 steps
+    ax = viz.plot_engine_costs(rows).axes[0]
+    assert [p.get_height() for p in ax.patches] == [3.2]
+    assert [tuple(o) for o in ax.collections[0].get_offsets()] == [(0.0, 1.6)]
+    assert viz.engine_cost_rows("x", {"lanes": [{"mode": "eagle", "tok_s": 1.0, "accept_length": 2.0}]}) == []
