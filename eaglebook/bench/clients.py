@@ -110,13 +110,14 @@ def vllm_accept_length(before: dict, after: dict) -> float | None:
 # Clients: one `generate(ids, max_new_tokens)` per backend, the same answer shape
 # --------------------------------------------------------------------------------------
 
-class SGLangClient:
-    """SGLang's native `/generate` with `input_ids` (greedy), optionally streamed for TTFT."""
+class ServerClient:
+    """What every client of a server process shares: base URL, name, timeout, the process it talks
+    to (for a clear error when it dies) and one httpx session opened by `async with`."""
 
-    def __init__(self, base_url: str, name: str = "SGLang server", timeout: float = 600.0, stream: bool = False,
-                 ignore_eos: bool = False, server: ServerProcess | None = None):
+    def __init__(self, base_url: str, name: str, timeout: float = 600.0, ignore_eos: bool = False,
+                 server: ServerProcess | None = None):
         self.base_url, self.name, self.timeout = base_url.rstrip("/"), name, timeout
-        self.stream, self.ignore_eos, self.server = stream, ignore_eos, server
+        self.ignore_eos, self.server = ignore_eos, server
         self._http = None
 
     async def __aenter__(self):
@@ -127,6 +128,15 @@ class SGLangClient:
 
     async def __aexit__(self, *exc):
         await self._http.aclose()
+
+
+class SGLangClient(ServerClient):
+    """SGLang's native `/generate` with `input_ids` (greedy), optionally streamed for TTFT."""
+
+    def __init__(self, base_url: str, name: str = "SGLang server", timeout: float = 600.0, stream: bool = False,
+                 ignore_eos: bool = False, server: ServerProcess | None = None):
+        super().__init__(base_url, name, timeout, ignore_eos, server)
+        self.stream = stream
 
     async def server_info(self) -> dict:
         r = await self._http.get(self.base_url + "/server_info")

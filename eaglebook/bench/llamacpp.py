@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .clients import ServerClient
 from .core import BenchError, ServerError
 from .servers import ServerProcess
 
@@ -293,23 +294,13 @@ def parse_completion_response(obj: dict, speculative: bool) -> dict:
             "output_ids": obj.get("tokens"), "timing": timing}
 
 
-class LlamaCppClient:
+class LlamaCppClient(ServerClient):
     """llama-server's native `/completion`: token ids in (`prompt`), greedy, token ids back."""
 
     def __init__(self, base_url: str, name: str = "llama-server", timeout: float = 600.0, ignore_eos: bool = False,
                  speculative: bool = False, server: ServerProcess | None = None):
-        self.base_url, self.name, self.timeout = base_url.rstrip("/"), name, timeout
-        self.ignore_eos, self.speculative, self.server = ignore_eos, speculative, server
-        self._http = None
-
-    async def __aenter__(self):
-        import httpx
-
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=10.0), trust_env=False)
-        return self
-
-    async def __aexit__(self, *exc):
-        await self._http.aclose()
+        super().__init__(base_url, name, timeout, ignore_eos, server)
+        self.speculative = speculative
 
     async def server_info(self) -> dict:
         """What the server runs with, from `/props`: model, slots, context, build, speculative settings."""
