@@ -250,7 +250,7 @@ def format_headline(result: dict) -> str:
     for r in result["table"]:
         lines.append(f"| {r['dtype']} | {r['setting']} | {r.get('speedup')}x | {r.get('accept_length')} | "
                      f"{r['identical']}/{r['checked']} | {r['baseline_limit_hits']} / {r['baseline_looped']}; "
-                     f"{r.get('limit_hits', '?')} / {r.get('looped', '?')} | "
+                     + (f"{r['limit_hits']} / {r['looped']}" if "limit_hits" in r else "n/a (older run)") + " | "
                      f"{_x(r['clean_speedup'])} ({r['clean_prompts']} prompts) | {r['clean_accept_length']} | "
                      f"{r.get('baseline_tok_s')} -> {r.get('eagle_tok_s')} |")
     lines += ["", "Cost model: speedup ~ accept_length x t_step / (t_verify + t_draft + t_other), times per "
