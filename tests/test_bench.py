@@ -384,6 +384,20 @@ def test_bad_sampling_and_peer_flags_are_clear_errors():
         bench.run_benchmark(BenchArgs(backend="openai", url="http://127.0.0.1:9/v1", temperature=0.7, limit=1))
 
 
+def test_a_run_that_records_its_server_commands_resumes(tmp_path):
+    """The SGLang backend adds its servers' command lines to the config after the Recorder has
+    compared it with the file on disk: resuming such a file must not read them as changed arguments."""
+    out = tmp_path / "r.json"
+    config = {"backend": "sglang", "draft": "head", "limit": 2}
+    rec = Recorder(dict(config), out)
+    rec.config["sglang_commands"] = {"baseline": ["python", "-m", "sglang.launch_server"]}
+    rec.save()
+    assert "sglang_commands" in json.loads(out.read_text())["config"]
+    Recorder(dict(config), out, resume=True)  # the same arguments: resumes
+    with pytest.raises(BenchError, match="other arguments"):
+        Recorder({**config, "limit": 3}, out, resume=True)
+
+
 def test_a_killed_run_resumes_where_it_stopped(tmp_path):
     """`eaglebook bench --json F` is killed (SIGKILL) after its first prompts are on disk; the
     same command with --resume measures only the rest: the rows on disk stay as they were and

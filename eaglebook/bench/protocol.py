@@ -46,8 +46,9 @@ class Recorder:
     If a run dies, what finished is already on disk, with `complete: false` and the error.
     """
 
-    # Arguments that may differ between a run and its resumption (where files go, the warm-up).
-    RESUME_FREE = ("json", "log_dir", "warmup", "resume")
+    # Arguments that may differ between a run and its resumption (where files go, the warm-up),
+    # and what a backend records from the arguments once the run has started (SGLang's command lines).
+    RESUME_FREE = ("json", "log_dir", "warmup", "resume", "sglang_commands")
     # What was measured, beyond the arguments: a head retrained into the same folder, another
     # target under the same name or another eaglebook gives other numbers.
     IDENTITY = {"draft_fingerprint": "draft head weights", "target_fingerprint": "target weights",
