@@ -161,10 +161,12 @@ def test_the_decoder_measures_lookup_acceptance_per_generation(smollm2):
 
 
 @pytest.mark.parametrize("spec", [SpecConfig(num_steps=3, topk=4, num_draft_tokens=12, ngram_tokens=6, ngram_prior=0.9),
-                                  SpecConfig(num_steps=3, topk=1, ngram_tokens=3)], ids=["tree3x4n12+ng6", "chain3+ng3"])
+                                  SpecConfig(num_steps=3, topk=1, ngram_tokens=3, ngram_prior=0.9)],
+                         ids=["tree3x4n12+ng6", "chain3+ng3"])
 def test_smollm2_merged_greedy_lossless(smollm2, spec):
     """Real SmolLM2 in float32 with the shipped head: identical to plain greedy, and the n-gram
-    branch supplies accepted tokens that the EAGLE tree did not have."""
+    branch supplies accepted tokens that the EAGLE tree did not have (a lookup trusted from the
+    start, so that mixed trees are verified from the first steps)."""
     from eaglebook.decode import resolve_head
 
     target, tok = smollm2
