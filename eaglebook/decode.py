@@ -23,6 +23,7 @@ with like. Batch size is 1 throughout: this is a reference engine to read and to
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -49,12 +50,19 @@ class SpecConfig:
     num_steps: int = 4  # draft depth: tokens on the longest drafted path
     topk: int = 4  # children per expanded node, and nodes expanded per depth
     num_draft_tokens: int = 16  # nodes verified by the target, the root included
-    ngram_tokens: int = 0  # merged drafter: prompt-lookup tokens added to every tree (0 = EAGLE alone)
+    ngram_tokens: int = 0  # merged drafter: prompt-lookup tokens offered to every tree (0 = EAGLE alone)
     ngram_max: int = 3  # longest context suffix the prompt lookup matches
+    ngram_min: int = 2  # shortest: a one-token match is too weak a guess to offer
+    ngram_prior: float = 0.5  # lookup acceptance rate assumed before any is measured (worth 2 observations)
 
     def __post_init__(self):
-        if self.ngram_tokens < 0 or self.ngram_max < 1:
-            raise DecodeError(f"ngram_tokens ({self.ngram_tokens}) must be >= 0 and ngram_max ({self.ngram_max}) >= 1")
+        if self.ngram_tokens < 0:
+            raise DecodeError(f"ngram_tokens ({self.ngram_tokens}) must be >= 0")
+        if not 0 < self.ngram_prior < 1:
+            raise DecodeError(f"ngram_prior={self.ngram_prior}: an acceptance rate in (0, 1)")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise DecodeError(f"the prompt lookup matches suffixes of ngram_min ({self.ngram_min}) to ngram_max "
+                              f"({self.ngram_max}) tokens: need 1 <= ngram_min <= ngram_max")
         if self.num_steps < 1 or self.topk < 1:
             raise DecodeError(f"num_steps ({self.num_steps}) and topk ({self.topk}) must be >= 1")
         if self.topk == 1:
@@ -289,13 +297,13 @@ def cache_length(cache: DynamicCache) -> int:
 @dataclass
 class DraftTree:
     """One step's verified tree. Node 0 is the root (the last committed token, not yet in the
-    target's cache); nodes are ordered by depth, parents before children (the merged drafter
-    appends its prompt-lookup nodes last, still after their parents)."""
+    target's cache); parents come before children. EAGLE's own trees are ordered by depth; the
+    merged drafter appends its prompt-lookup nodes after the tree's, still after their parents."""
 
     tokens: list[int]  # target ids
     parents: list[int]  # -1 for the root
     depths: list[int]
-    scores: list[float]  # cumulative draft log-probability (root 0)
+    scores: list[float]  # cumulative draft log-probability (root 0); lookup nodes: see merge_chain
     mask: torch.Tensor  # [N, N] bool ancestor-or-self
     prefix_len: int  # tokens in the target cache before this tree (root's position)
     ngram: list[bool] | None = None  # merged drafter: True for nodes only the prompt lookup proposed
@@ -395,6 +403,7 @@ class DecodeState:
     root_logprobs: torch.Tensor  # [draft_vocab] its log-probabilities: depth-1 candidates
     finished: bool = False
     stop_reason: str = ""
+    lookup: "LookupRates | None" = None  # merged drafter: this generation's lookup acceptance, per depth
 
     @property
     def cached(self) -> int:
@@ -481,7 +490,9 @@ class EagleDecoder:
         logits, feats = self._target(ids, torch.arange(L, device=self.device)[None], tcache, logits_at=slice(-1, None))
         first = _pick(logits[0, -1], sampling, generator)
         state = DecodeState(prompt_len=L, tokens=ids[0].tolist(), generated=[], target_cache=tcache,
-                            draft_cache=dcache, root_hidden=None, root_logprobs=None)
+                            draft_cache=dcache, root_hidden=None, root_logprobs=None,
+                            lookup=(LookupRates.fresh(self.spec.ngram_tokens, self.spec.ngram_prior)
+                                    if self.spec.ngram_tokens else None))
         stop = stop or StopChecker(self.eos_ids, 1 << 30)
         _, why = stop.extend(state.generated, [first])
         state.tokens.append(first)
@@ -567,9 +578,10 @@ class EagleDecoder:
         stop = stop or StopChecker(self.eos_ids, 1 << 30)
         t0 = time.perf_counter()
         tree = self.build_tree(state)
-        if self.spec.ngram_tokens:  # the merged drafter: the context's own continuation joins the tree
-            cont = ngram_continuation(state.tokens, self.spec.ngram_tokens, self.spec.ngram_max)
-            tree = merge_chain(tree, cont, self.spec.num_draft_tokens)
+        cont: list[int] = []
+        if self.spec.ngram_tokens:  # the merged drafter: the context's own continuation competes for the tree
+            cont = ngram_continuation(state.tokens, self.spec.ngram_tokens, self.spec.ngram_max, self.spec.ngram_min)
+            tree = merge_chain(tree, cont, self.spec.num_draft_tokens, state.lookup.log_rates())
         t1 = time.perf_counter()
         n, dev = tree.prefix_len, self.device
         ids = torch.tensor([tree.tokens], device=dev)
@@ -586,6 +598,8 @@ class EagleDecoder:
         kept, why = stop.extend(state.generated, proposed)
         new = proposed[:kept]
         state.tokens.extend(new)
+        if cont:
+            state.lookup.update(cont, new)
         extend_ms = 0.0
         if why:
             state.finished, state.stop_reason = True, why
@@ -647,17 +661,21 @@ class EagleDecoder:
 
 
 # --------------------------------------------------------------------------------------
-# The merged drafter: prompt-lookup (n-gram) candidates inside the EAGLE tree
+# The merged drafter: prompt-lookup (n-gram) candidates competing for the EAGLE tree
 # --------------------------------------------------------------------------------------
 
-def ngram_continuation(tokens: list[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
+def ngram_continuation(tokens: list[int], max_tokens: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
     """Prompt lookup: find the context's last n tokens earlier in the context (n = `max_ngram`
-    down to 1, the earliest occurrence first) and return up to `max_tokens` tokens that
-    followed it; [] when no suffix repeats. No model, no training: a small model that repeats
-    its prompt and itself is drafted well by its own history."""
+    down to `min_ngram`, the earliest occurrence first) and return up to `max_tokens` tokens
+    that followed it; [] when no such suffix repeats. No model, no training: a small model
+    that repeats its prompt and itself is drafted well by its own history. A one-token match
+    (`min_ngram=1`) fires on nearly every common token and mostly guesses wrong, so the merged
+    drafter asks for two."""
+    if min_ngram < 1:
+        raise DecodeError(f"min_ngram={min_ngram}: a lookup matches at least one token")
     L = len(tokens)
     t = torch.tensor(tokens)
-    for n in range(min(max_ngram, L - 1), 0, -1):
+    for n in range(min(max_ngram, L - 1), min_ngram - 1, -1):
         windows = t.unfold(0, n, 1)[: L - n]  # every earlier window; the suffix itself excluded
         hits = (windows == t[L - n:]).all(dim=1).nonzero()
         if hits.numel():
@@ -666,58 +684,117 @@ def ngram_continuation(tokens: list[int], max_tokens: int, max_ngram: int = 3) -
     return []
 
 
-def merge_chain(tree: DraftTree, chain: list[int], budget: int) -> DraftTree:
-    """The tree with `chain` (tokens to follow the root) merged in, at most `budget` nodes.
+@dataclass
+class LookupRates:
+    """How often the target accepts prompt-lookup tokens, per depth, measured as decoding goes.
 
-    Walk the chain down from the root while the tree already has each token as a child
-    (shared nodes cost nothing); the rest hangs below the last shared node as new nodes.
-    To stay within the budget, the tree's lowest-scored leaves off that path are dropped
-    first (the draft's own least likely guesses); if none are left, the chain is cut.
-    Siblings stay distinct tokens, which the sampling rule needs; parents stay before
-    children. Verification then keeps whichever branch the target accepts.
+    Depth d is the lookup's d-th token (the lookup hangs from the root, so it sits at tree
+    depth d). After each step, `update` compares the lookup's proposal with the tokens the
+    step committed: token d counts as proposed when tokens 1..d-1 matched and the step
+    committed a d-th token, and as accepted when it matched that too. The rate is thus the
+    chance of acceptance given the parent was accepted, and it is measured whether or not the
+    branch made it into the tree (a branch that lost once can win later); since the committed
+    tokens are the target's own (greedy) or distributed as the target's (sampling, the tree's
+    siblings being distinct tokens), a match is exactly the event "this node would be accepted".
+
+    With a Beta prior (`prior_accepted` of `prior_proposed` pseudo-observations) the rate is
+    (accepted_d + prior_accepted) / (proposed_d + prior_proposed), always in (0, 1); its log
+    plays the role of a draft log-probability. One LookupRates lives in each DecodeState,
+    made fresh by `EagleDecoder.prefill`: a generation starts from the prior, so its output and
+    its trees depend only on the prompt (and the seed), not on what was decoded before.
     """
+
+    proposed: list[int]
+    accepted: list[int]
+    prior_accepted: float = 1.0
+    prior_proposed: float = 2.0
+
+    @classmethod
+    def fresh(cls, depth: int, prior: float = 0.5, strength: float = 2.0) -> "LookupRates":
+        """No observations yet: every depth starts at rate `prior`, worth `strength` observations."""
+        return cls(proposed=[0] * depth, accepted=[0] * depth, prior_accepted=prior * strength,
+                   prior_proposed=strength)
+
+    def rates(self) -> list[float]:
+        return [(a + self.prior_accepted) / (p + self.prior_proposed) for p, a in zip(self.proposed, self.accepted)]
+
+    def log_rates(self) -> list[float]:
+        """log(rate) per depth: the score a lookup node adds to its parent's."""
+        return [math.log(r) for r in self.rates()]
+
+    def update(self, chain: list[int], committed: list[int]) -> None:
+        """Count the lookup's `chain` against the tokens the step `committed` (accepted + bonus)."""
+        for d, tok in enumerate(chain[: len(self.proposed)]):
+            if d >= len(committed):
+                break
+            self.proposed[d] += 1
+            if committed[d] != tok:
+                break
+            self.accepted[d] += 1
+
+
+def merge_chain(tree: DraftTree, chain: list[int], budget: int, log_rates: list[float]) -> DraftTree:
+    """The tree with `chain` (tokens to follow the root) merged in, the best `budget` nodes kept.
+
+    Walk the chain down from the root while the tree already has each token as a child:
+    those nodes are shared and cost nothing. The rest would hang below the last shared node
+    as new nodes. Every chain node gets a score like the draft's cumulative log-probability:
+    its parent's score plus `log_rates[d - 1]`, the log of the measured acceptance rate of
+    lookup tokens at its depth d (`LookupRates`); a shared node keeps the better of its two
+    scores. Then, as EAGLE picks its own tree, the `budget - 1` best-scored nodes are kept
+    (ties: the earlier node, so the tree's own nodes before the lookup's): a lookup node
+    displaces only EAGLE nodes that score lower, and a lookup branch that scores lower than
+    the tree's leaves is cut (or left out). Scores never rise from parent to child and a
+    parent comes before its children, so every kept node's parent is kept; siblings stay
+    distinct tokens, which the sampling rule needs. Verification then keeps whichever branch
+    the target accepts.
+    """
+    if len(log_rates) < len(chain):
+        raise DecodeError(f"merge_chain: {len(chain)} lookup tokens but rates for {len(log_rates)} depths")
     kids: dict[int, dict[int, int]] = {}
     for i in range(1, tree.size):
         kids.setdefault(tree.parents[i], {})[tree.tokens[i]] = i
-    path, cur = [0], 0
-    for tok in chain:
+    scores = list(tree.scores)
+    cur, own = 0, 0.0  # own: the chain's score at the current node
+    d = 0
+    for d, tok in enumerate(chain):
         if tok not in kids.get(cur, {}):
             break
         cur = kids[cur][tok]
-        path.append(cur)
-    new = chain[len(path) - 1:]
-    if not new:
-        return tree
-    keep = set(range(tree.size))
-    n_kids = [0] * tree.size
-    for i in range(1, tree.size):
-        n_kids[tree.parents[i]] += 1
-    protected = set(path)
-    for _ in range(max(0, tree.size + len(new) - budget)):
-        leaves = [i for i in keep if n_kids[i] == 0 and i not in protected]
-        if not leaves:
-            new = new[:max(0, budget - len(keep))]
-            break
-        drop = min(leaves, key=lambda i: (tree.scores[i], -i))  # the lowest score; ties: the later node
-        keep.remove(drop)
-        n_kids[tree.parents[drop]] -= 1
-    if not new:
-        return tree
-    old = sorted(keep)
+        own = max(scores[cur], own + log_rates[d])
+        scores[cur] = own  # shared: the better of the two estimates
+    else:
+        d = len(chain)
+    new = chain[d:]
+    new_scores = []
+    for j in range(len(new)):
+        own += log_rates[d + j]
+        new_scores.append(own)
+    cand = scores[1:] + new_scores  # node i of the candidates = tree node i + 1, then the chain
+    order = sorted(range(len(cand)), key=lambda i: (-cand[i], i))
+    kept = sorted(order[: budget - 1])
+    old = [0] + [i + 1 for i in kept if i + 1 < tree.size]
+    n_new = sum(1 for i in kept if i + 1 >= tree.size)  # a prefix of the chain: parents outrank children
+    if n_new == 0 and len(old) == tree.size:  # the lookup adds nothing (all shared, or cut): the same tree
+        return tree if scores == tree.scores else DraftTree(
+            tokens=tree.tokens, parents=tree.parents, depths=tree.depths, scores=scores, mask=tree.mask,
+            prefix_len=tree.prefix_len, ngram=tree.ngram)
     index = {o: j for j, o in enumerate(old)}
+    if any(tree.parents[o] not in index for o in old[1:]) or (n_new and cur not in index):
+        raise DecodeError("internal: a kept node's parent was dropped")
+    new = new[:n_new]
     tokens = [tree.tokens[o] for o in old] + new
     parents = [-1] + [index[tree.parents[o]] for o in old[1:]]
-    parents += [index[cur]] + list(range(len(old), len(old) + len(new) - 1))
-    depths = [tree.depths[o] for o in old] + [tree.depths[cur] + 1 + d for d in range(len(new))]
-    base = tree.scores[cur]
-    scores = [tree.scores[o] for o in old] + [base] * len(new)  # no draft score: the parent's
-    ngram = [bool(tree.ngram and tree.ngram[o]) for o in old] + [True] * len(new)
+    parents += ([index[cur]] + list(range(len(old), len(old) + n_new - 1))) if n_new else []
+    depths = [tree.depths[o] for o in old] + [tree.depths[cur] + 1 + j for j in range(n_new)]
+    out_scores = [scores[o] for o in old] + new_scores[:n_new]
+    ngram = [bool(tree.ngram and tree.ngram[o]) for o in old] + [True] * n_new
     m = torch.zeros(len(tokens), len(tokens), dtype=torch.bool, device=tree.mask.device)
     for i, p in enumerate(parents):  # parents come first: copy the parent's row, add self
         if p >= 0:
             m[i] = m[p]
         m[i, i] = True
-    return DraftTree(tokens=tokens, parents=parents, depths=depths, scores=scores, mask=m,
+    return DraftTree(tokens=tokens, parents=parents, depths=depths, scores=out_scores, mask=m,
                      prefix_len=tree.prefix_len, ngram=ngram)
 
 
@@ -934,8 +1011,8 @@ class GenerateArgs:
     num_steps: int = field(default=4, metadata={"help": "draft depth"})
     topk: int = field(default=4, metadata={"help": "branching per expanded node (1 = chain)"})
     num_draft_tokens: int = field(default=16, metadata={"help": "nodes verified, root included"})
-    ngram: int = field(default=0, metadata={"help": "merged drafter: this many prompt-lookup tokens inside the "
-                                                    "EAGLE tree, same num_draft_tokens (0 = EAGLE alone)"})
+    ngram: int = field(default=0, metadata={"help": "merged drafter: up to this many prompt-lookup tokens compete "
+                                                    "by score for the EAGLE tree's num_draft_tokens (0 = EAGLE alone)"})
     max_new_tokens: int = field(default=128, metadata={"help": "generation limit"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})

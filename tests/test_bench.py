@@ -382,6 +382,8 @@ def test_bad_sampling_and_peer_flags_are_clear_errors():
         bench.command.parse_prompt_lookup("3 0")
     with pytest.raises(BenchError, match="in-process backend only"):
         bench.run_benchmark(BenchArgs(backend="openai", url="http://127.0.0.1:9/v1", temperature=0.7, limit=1))
+    with pytest.raises(BenchError, match="--ngram_max 1 with --ngram: the merged drafter matches suffixes of at least 2"):
+        bench.run_benchmark(BenchArgs(ngram=3, ngram_max=1, limit=1))
 
 
 def test_a_run_that_records_its_server_commands_resumes(tmp_path):

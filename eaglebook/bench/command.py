@@ -48,7 +48,8 @@ class BenchArgs:
                                                     "tokens inside the first setting's EAGLE tree (0 = off)"})
     ngram_max: int = field(default=3, metadata={"help": "in-process: the longest context suffix prompt lookup matches, "
                                                         "for the merged drafter and transformers' prompt lookup alike "
-                                                        "(its max_matching_ngram_size, 2 by default there)"})
+                                                        "(its max_matching_ngram_size, 2 by default there); the "
+                                                        "merged drafter matches at least 2 tokens, transformers' 1"})
     temperature: float = field(default=0.0, metadata={"help": "in-process: sampling temperature (0 = greedy)"})
     top_p: float = field(default=1.0, metadata={"help": "in-process: nucleus sampling mass"})
     temperatures: str = field(default="", metadata={"help": "in-process: a temperature sweep, e.g. '0 0.7 1.0' "
@@ -200,6 +201,12 @@ def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = Tru
         raise BenchError("sampling (--temperature, --temperatures) and --ngram run on the in-process backend only")
     if args.ngram_max < 1:
         raise BenchError(f"--ngram_max {args.ngram_max}: prompt lookup matches suffixes of at least 1 token")
+    if args.ngram:
+        from ..decode import SpecConfig
+
+        if args.ngram_max < SpecConfig.ngram_min:
+            raise BenchError(f"--ngram_max {args.ngram_max} with --ngram: the merged drafter matches suffixes of at "
+                             f"least {SpecConfig.ngram_min} tokens")
     if args.prompts and args.suite not in ("mt-bench", "jsonl"):
         raise BenchError(f"--prompts {args.prompts} replaces the suite: give it alone (or with --suite jsonl), "
                          f"not with --suite {args.suite}")

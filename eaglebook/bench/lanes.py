@@ -29,9 +29,10 @@ def make_inprocess_lanes(target, tokenizer, draft, settings: list[DraftSetting],
     - with `peers`: "generate", transformers' own `generate()`, and "prompt_lookup", its
       prompt-lookup decoding, one lane per `prompt_lookup_num_tokens` value.
 
-    Both prompt lookups match the same context suffixes: up to `ngram_max` tokens (the merged
+    Both prompt lookups match context suffixes of up to `ngram_max` tokens (the merged
     drafter's `ngram_max`, transformers' `max_matching_ngram_size`), recorded in the lanes'
-    info and in the prompt-lookup label (`pld10-m3`).
+    info and in the prompt-lookup label (`pld10-m3`); the merged drafter needs a match of at
+    least `SpecConfig.ngram_min` (2) tokens, transformers' takes a single one.
 
     The baseline and EAGLE share the target forward function, cache class and attention, so
     their speedup compares like with like; the peers run transformers' own loop, which is
