@@ -371,6 +371,9 @@ def test_cost_model_recovers_the_costs_the_standin_was_built_from(tmp_path, stan
     # a chain of 3 pays where it makes more than (12 + 3 * 8) / 10 tokens per pass
     assert L.break_even(m, 3) == pytest.approx((a + 3 * (b_verify + b_draft)) / step)
     assert L.break_even(m, 3, "ngram") == pytest.approx((a + 3 * b_verify) / step)
+    text = bench.format_summary(res)
+    assert "greedy step 10.00 ms" in text and "EAGLE-3  12.00 ms + 8.000 ms x drafted = 1.200 + 0.8000" in text
+    assert "the head drafts a token in 5.000 ms" in text and "EAGLE-3 chain of n pays above accept length n1 2.00" in text
     # one family drafting the same length every pass has no slope; no baseline lane is one clear line
     same = {**res, "requests": [r for r in res["requests"] if r["mode"] != "eagle" or r["prompt_id"] == res[
         "requests"][0]["prompt_id"]]}

@@ -518,3 +518,28 @@ def break_even(model: dict, n: int, family: str = "eagle") -> float | None:
     if fit["a_ms"] is None:
         return None
     return (fit["a_ms"] + fit["b_ms"] * n) / model["t_step_ms"]
+
+
+def format_cost_model(model: dict) -> list[str]:
+    """The cost model in a few lines: the greedy step, each family's a + b * drafted (ms and greedy
+    steps), the head's cost per drafted token, and the break-even accept lengths."""
+    step = model["t_step_ms"]
+    lines = [f"  llama.cpp cost per target pass (fitted on this run's timings): greedy step {step:.2f} ms"]
+    for family, name in (("eagle", "EAGLE-3"), ("ngram", "n-gram")):
+        f = model[family]
+        if not f["requests"]:
+            continue
+        if f["a_ms"] is None:
+            lines.append(f"    {name:<8} no fit: drafted tokens per pass {f['drafted_per_pass_range']} over "
+                         f"{f['requests']} requests (a slope needs drafts of different lengths)")
+            continue
+        lines.append(f"    {name:<8} {f['a_ms']:.2f} ms + {f['b_ms']:.3f} ms x drafted = {f['a_steps']:.3f} + "
+                     f"{f['b_steps']:.4f} x drafted greedy steps ({f['requests']} requests, drafted/pass "
+                     f"{f['drafted_per_pass_range']}, r2 {f['r2']:.3f})")
+    if model["t_draft_ms"] is not None:
+        lines.append(f"    the head drafts a token in {model['t_draft_ms']:.3f} ms ({model['t_draft_ms'] / step:.4f} steps)")
+    for family, name in (("eagle", "EAGLE-3"), ("ngram", "n-gram")):
+        if model[family]["a_ms"] is not None:
+            need = ", ".join(f"n{n} {break_even(model, n, family):.2f}" for n in (1, 2, 3, 5))
+            lines.append(f"    {name} chain of n pays above accept length {need}")
+    return lines
