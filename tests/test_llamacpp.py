@@ -367,17 +367,25 @@ def test_cost_model_recovers_the_costs_the_standin_was_built_from(tmp_path, stan
     assert (m["eagle"]["a_ms"], m["eagle"]["b_ms"]) == (pytest.approx(a), pytest.approx(b_verify + b_draft))
     assert (m["ngram"]["a_ms"], m["ngram"]["b_ms"]) == (pytest.approx(a), pytest.approx(b_verify))
     assert m["t_draft_ms"] == pytest.approx(b_draft) and m["eagle"]["r2"] == pytest.approx(1.0)
+    assert m["eagle"]["b_se_ms"] == pytest.approx(0.0, abs=1e-9)  # an exact line: no doubt about its slope
     assert m["ngram"]["b_steps"] == pytest.approx(b_verify / step)
     # a chain of 3 pays where it makes more than (12 + 3 * 8) / 10 tokens per pass
     assert L.break_even(m, 3) == pytest.approx((a + 3 * (b_verify + b_draft)) / step)
     assert L.break_even(m, 3, "ngram") == pytest.approx((a + 3 * b_verify) / step)
     text = bench.format_summary(res)
-    assert "greedy step 10.00 ms" in text and "EAGLE-3  12.00 ms + 8.000 ms x drafted = 1.200 + 0.8000" in text
+    assert "greedy step 10.00 ms" in text and "EAGLE-3  12.00 ms + 8.000 (+-0.000) ms x drafted = 1.200 + 0.8000" in text
     assert "the head drafts a token in 5.000 ms" in text and "EAGLE-3 chain of n pays above accept length n1 2.00" in text
     # one family drafting the same length every pass has no slope; no baseline lane is one clear line
     same = {**res, "requests": [r for r in res["requests"] if r["mode"] != "eagle" or r["prompt_id"] == res[
         "requests"][0]["prompt_id"]]}
     assert L.llamacpp_cost_model(same)["eagle"]["b_ms"] is None and L.llamacpp_cost_model(same)["t_draft_ms"] is None
+    # a p-min lane runs the head for tokens it then does not draft: left out of the EAGLE fit
+    relabelled = {**res, "requests": [{**r, "config": r["config"] + "-p0.5"} if r["mode"] == "eagle" else r
+                                      for r in res["requests"]]}
+    m = L.llamacpp_cost_model(relabelled)
+    assert m["skipped"] == ["n1-p0.5", "n3-p0.5"] and m["eagle"]["requests"] == 0
+    assert m["ngram"]["b_ms"] == pytest.approx(b_verify)
+    assert "left out: n1-p0.5, n3-p0.5" in "\n".join(L.format_cost_model(m))
     with pytest.raises(BenchError, match="needs the baseline lane's llama-server timings"):
         L.llamacpp_cost_model({**res, "requests": [r for r in res["requests"] if r["mode"] != "baseline"]})
 

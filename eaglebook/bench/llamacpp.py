@@ -462,18 +462,21 @@ def _decode_passes(t: dict) -> int:
 
 
 def _least_squares(xs: list[float], ys: list[float]) -> dict:
-    """y = a + b x by ordinary least squares, with r2; a and b are None where x does not vary."""
+    """y = a + b x by ordinary least squares, with r2 and b's standard error; a and b are None
+    where x does not vary."""
     import numpy as np
 
     x, y = np.asarray(xs, float), np.asarray(ys, float)
     out = {"requests": len(x), "drafted_per_pass_range": [round(float(x.min()), 2), round(float(x.max()), 2)]
-           if len(x) else None, "a_ms": None, "b_ms": None, "r2": None}
+           if len(x) else None, "a_ms": None, "b_ms": None, "b_se_ms": None, "r2": None}
     if len(x) < 3 or float(np.ptp(x)) < 0.5:  # a slope needs drafts of different lengths
         return out
     b, a = np.polyfit(x, y, 1)
     resid = y - (a + b * x)
     ss = float(((y - y.mean()) ** 2).sum())
-    out.update(a_ms=float(a), b_ms=float(b), r2=1.0 - float((resid ** 2).sum()) / ss if ss > 0 else None)
+    sxx = float(((x - x.mean()) ** 2).sum())
+    out.update(a_ms=float(a), b_ms=float(b), b_se_ms=float(np.sqrt((resid ** 2).sum() / (len(x) - 2) / sxx)),
+               r2=1.0 - float((resid ** 2).sum()) / ss if ss > 0 else None)
     return out
 
 
@@ -488,7 +491,9 @@ def llamacpp_cost_model(result: dict) -> dict:
     and for the n-gram lanes, where drafting is a table look-up and b is the verify cost alone;
     so t_draft = b_eagle - b_ngram. A chain of n tokens beats greedy where its accept length
     exceeds (a + b n) / t_step (`break_even`). Only concurrency-1 requests count; a family whose
-    requests all draft about as many tokens per pass (one EAGLE lane) gets no slope (None).
+    requests all draft about as many tokens per pass (one EAGLE lane) gets no slope (None). EAGLE
+    lanes with a --spec-draft-p-min above 0 are left out (`skipped`): they run the head for tokens
+    they then do not draft, so their cost does not follow the drafted count.
     """
     rows = [r for r in result.get("requests", []) if r.get("timing") and r.get("concurrency", 1) == 1
             and "predicted_ms" in r["timing"] and _decode_passes(r["timing"]) > 0]
@@ -498,6 +503,9 @@ def llamacpp_cost_model(result: dict) -> dict:
                          "(a `bench --backend llamacpp` result at concurrency 1)")
     t_step = sum(t["predicted_ms"] for t in base) / sum(_decode_passes(t) for t in base)
     out = {"t_step_ms": t_step, "baseline_requests": len(base)}
+    skipped = sorted({r["config"] for r in rows if r["mode"] == "eagle" and "-p" in r["config"]})
+    rows = [r for r in rows if r["config"] not in skipped or r["mode"] != "eagle"]
+    out["skipped"] = skipped
     for family, mode in (("eagle", "eagle"), ("ngram", "prompt_lookup")):
         pts = [r["timing"] for r in rows if r["mode"] == mode]
         fit = _least_squares([t.get("draft_n", 0) / _decode_passes(t) for t in pts],
@@ -525,6 +533,8 @@ def format_cost_model(model: dict) -> list[str]:
     steps), the head's cost per drafted token, and the break-even accept lengths."""
     step = model["t_step_ms"]
     lines = [f"  llama.cpp cost per target pass (fitted on this run's timings): greedy step {step:.2f} ms"]
+    if model["skipped"]:
+        lines.append(f"    left out: {', '.join(model['skipped'])} (p-min > 0 runs the head for tokens it does not draft)")
     for family, name in (("eagle", "EAGLE-3"), ("ngram", "n-gram")):
         f = model[family]
         if not f["requests"]:
@@ -533,7 +543,8 @@ def format_cost_model(model: dict) -> list[str]:
             lines.append(f"    {name:<8} no fit: drafted tokens per pass {f['drafted_per_pass_range']} over "
                          f"{f['requests']} requests (a slope needs drafts of different lengths)")
             continue
-        lines.append(f"    {name:<8} {f['a_ms']:.2f} ms + {f['b_ms']:.3f} ms x drafted = {f['a_steps']:.3f} + "
+        lines.append(f"    {name:<8} {f['a_ms']:.2f} ms + {f['b_ms']:.3f} (+-{f['b_se_ms']:.3f}) ms x drafted = "
+                     f"{f['a_steps']:.3f} + "
                      f"{f['b_steps']:.4f} x drafted greedy steps ({f['requests']} requests, drafted/pass "
                      f"{f['drafted_per_pass_range']}, r2 {f['r2']:.3f})")
     if model["t_draft_ms"] is not None:
