@@ -21,7 +21,8 @@ that the client reads every field where SGLang puts it:
 Options shape misbehaviour: --die-after N (exit hard after N generations), --delay S,
 --spawn-children (a child, a grandchild and a child in its own session that ignores
 SIGTERM; their pids go to --pid-file), --health-after S (unhealthy until then; -1 never),
---diverge-at K (llama-server: output token K differs from the plain server's).
+--diverge-at K (llama-server: output token K differs from the plain server's), --costs STEP,A,B
+(llama-server: timings built from a known cost per pass and per drafted token).
 """
 from __future__ import annotations
 
@@ -167,6 +168,13 @@ class Handler(BaseHTTPRequestHandler):
                        "predicted_per_second": 500.0}
             if ARGS.speculative:  # verify target passes: n - verify tokens came from accepted drafts
                 timings.update(draft_n=3 * verify, draft_n_accepted=n - verify)
+            if ARGS.costs:  # timings from a known cost model (llama.cpp's first token comes with the prompt)
+                step, a, b = (float(x) for x in ARGS.costs.split(","))
+                timings["predicted_ms"] = step * (n - 1)
+                if ARGS.speculative:  # drafts of a prompt-dependent length: passes * a + b per drafted token
+                    passes, accepted = verify - 1, n - verify
+                    drafted = accepted + (2 + len(ids) % 5) * passes
+                    timings.update(draft_n=drafted, predicted_ms=passes * a + b * drafted)
             res = {"index": 0, "content": " tok" * n, "id_slot": 0, "stop": True, "model": "stand-in",
                    "tokens_predicted": n, "tokens_evaluated": len(ids),
                    "stop_type": "limit" if n >= max_new else "eos", "timings": timings}
@@ -240,6 +248,8 @@ def main():
     ap.add_argument("--vllm-metrics", action="store_true")
     ap.add_argument("--num-spec", type=int, default=3, help="vLLM's num_speculative_tokens (per-position counters)")
     ap.add_argument("--diverge-at", type=int, default=-1)
+    ap.add_argument("--costs", default="", help="llama-server timings from 'STEP,A,B': a plain lane takes STEP ms "
+                                                "per token, a speculative one A ms per pass + B per drafted token")
     ap.add_argument("--spawn-children", action="store_true")
     ap.add_argument("--pid-file", default="")
     ap.add_argument("--ignore-term", action="store_true")

@@ -347,3 +347,106 @@ def test_llama_server_serves_the_shipped_head_losslessly(tmp_path, head_gguf):
     cmd = res["server_info"][f"eagle n{n_max}"]["command"]
     assert cmd[cmd.index("--spec-type") + 1] == "draft-eagle3" and cmd[cmd.index("-md") + 1].endswith(".gguf")
     assert lanes["prompt_lookup ngram-mod"]["identical"] == 4
+
+
+# ---------------------------------------------------------------------------------------
+# The cost model, fitted on a run's own timings; another target GGUF, n-gram lanes alone
+# ---------------------------------------------------------------------------------------
+
+def test_cost_model_recovers_the_costs_the_standin_was_built_from(tmp_path, standin_binary, head_gguf):
+    """Stand-in timings follow a known model: 10 ms per greedy token; a speculative pass 12 ms plus
+    3 ms per drafted token verified, plus 5 ms per token the EAGLE-3 head drafts."""
+    step, a, b_verify, b_draft = 10.0, 12.0, 3.0, 5.0
+    args = _args(tmp_path, standin_binary, head_gguf, free_port(5), limit=8, sweep="1,1,2 3,1,4",
+                 llamacpp_args=f"--standin-costs {step},{a},{b_verify},{b_draft}")
+    res = bench.run_benchmark(args, progress=False)
+    m = L.llamacpp_cost_model(res)
+    assert m["t_step_ms"] == pytest.approx(step) and m["baseline_requests"] == 8
+    assert m["eagle"]["lanes"] == ["n1", "n3"] and m["eagle"]["requests"] == 16
+    assert m["ngram"]["lanes"] == ["ngram-mod", "ngram-simple"] and m["ngram"]["requests"] == 16
+    assert (m["eagle"]["a_ms"], m["eagle"]["b_ms"]) == (pytest.approx(a), pytest.approx(b_verify + b_draft))
+    assert (m["ngram"]["a_ms"], m["ngram"]["b_ms"]) == (pytest.approx(a), pytest.approx(b_verify))
+    assert m["t_draft_ms"] == pytest.approx(b_draft) and m["eagle"]["r2"] == pytest.approx(1.0)
+    assert m["eagle"]["b_se_ms"] == pytest.approx(0.0, abs=1e-9)  # an exact line: no doubt about its slope
+    assert m["ngram"]["b_steps"] == pytest.approx(b_verify / step)
+    # a chain of 3 pays where it makes more than (12 + 3 * 8) / 10 tokens per pass
+    assert L.break_even(m, 3) == pytest.approx((a + 3 * (b_verify + b_draft)) / step)
+    assert L.break_even(m, 3, "ngram") == pytest.approx((a + 3 * b_verify) / step)
+    text = bench.format_summary(res)
+    assert "greedy step 10.00 ms" in text and "EAGLE-3  12.00 ms + 8.000 (+-0.000) ms x drafted = 1.200 + 0.8000" in text
+    assert "the head drafts a token in 5.000 ms" in text and "EAGLE-3 chain of n pays above accept length n1 2.00" in text
+    # one family drafting the same length every pass has no slope; no baseline lane is one clear line
+    same = {**res, "requests": [r for r in res["requests"] if r["mode"] != "eagle" or r["prompt_id"] == res[
+        "requests"][0]["prompt_id"]]}
+    assert L.llamacpp_cost_model(same)["eagle"]["b_ms"] is None and L.llamacpp_cost_model(same)["t_draft_ms"] is None
+    # a p-min lane runs the head for tokens it then does not draft: left out of the EAGLE fit
+    relabelled = {**res, "requests": [{**r, "config": r["config"] + "-p0.5"} if r["mode"] == "eagle" else r
+                                      for r in res["requests"]]}
+    m = L.llamacpp_cost_model(relabelled)
+    assert m["skipped"] == ["n1-p0.5", "n3-p0.5"] and m["eagle"]["requests"] == 0
+    assert m["ngram"]["b_ms"] == pytest.approx(b_verify)
+    assert "left out: n1-p0.5, n3-p0.5" in "\n".join(L.format_cost_model(m))
+    with pytest.raises(BenchError, match="needs the baseline lane's llama-server timings"):
+        L.llamacpp_cost_model({**res, "requests": [r for r in res["requests"] if r["mode"] != "baseline"]})
+
+
+def _base_model_gguf(path: Path) -> Path:
+    """A GGUF holding the embedded target's tokenizer without its chat template, asking for a bos
+    token (as a base model's does): written with gguf's own writer, metadata only."""
+    import gguf
+
+    from eaglebook.target import EMBEDDED, find_gguf
+
+    src = gguf.GGUFReader(find_gguf(EMBEDDED["smollm2-135m"]))
+    w = gguf.GGUFWriter(str(path), "llama")
+    for k, f in src.fields.items():
+        if k.startswith("GGUF.") or k in ("general.architecture", "tokenizer.chat_template",
+                                          "tokenizer.ggml.add_bos_token"):
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(k, f.contents(), f.types[0], sub)
+    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_llamacpp_backend_on_another_target_gguf_runs_the_ngram_lanes_with_its_tokenizer(tmp_path, standin_binary,
+                                                                                          capsys):
+    from transformers import AutoTokenizer
+
+    from eaglebook.target import EMBEDDED, find_gguf, resolve_target
+
+    gguf_file = find_gguf(EMBEDDED["smollm2-135m"])  # a real GGUF given as a file: its own tokenizer is read
+    args = _args(tmp_path, standin_binary, "", free_port(3), num_steps=0, target_gguf=str(gguf_file))
+    res = bench.run_benchmark(args, progress=False)
+    assert [r["lane"] for r in res["lanes"]] == ["baseline", "prompt_lookup ngram-simple", "prompt_lookup ngram-mod"]
+    assert res["complete"] and res["config"]["settings"] == [] and res["server_info"]["tokenizer"]["chat_template"]
+    assert "prompts tokenized by the GGUF's own tokenizer; its own chat template" in capsys.readouterr().out
+    # the GGUF's tokenizer renders every prompt to the very ids the embedded target's tokenizer does
+    ref = AutoTokenizer.from_pretrained(resolve_target("smollm2-135m"))
+    want = {p.id: len(bench.render_ids(ref, p.messages(0))) for p in bench.load_suite("mt-bench", 4)}
+    assert {r["prompt_id"]: r["prompt_tokens"] for r in res["requests"]} == want
+
+    # a base model's GGUF (no chat template): the text plainly, after bos, then a blank line
+    base = _base_model_gguf(tmp_path / "base.gguf")
+    tok, plain = L.gguf_tokenizer(base)
+    msgs = [{"role": "user", "content": "Name three rivers."}]
+    assert plain and bench.render_ids(tok, msgs) == [tok.bos_token_id] + tok("Name three rivers.\n\n",
+                                                                             add_special_tokens=False)["input_ids"]
+    args = _args(tmp_path, standin_binary, "", free_port(3), num_steps=0, target_gguf=str(base), ngram_modes="ngram-mod",
+                 json=str(tmp_path / "base.json"))
+    res = bench.run_benchmark(args, progress=False)
+    assert res["complete"] and res["server_info"]["tokenizer"]["rendering"] == "plain text"
+    assert "it has no chat template (a base model): each prompt's text is sent plainly, after <|im_start|>" \
+        in capsys.readouterr().out
+    args.turns, args.json = 2, ""
+    with pytest.raises(BenchError, match="base.gguf has no chat template .* first turns only"):
+        bench.run_benchmark(args, progress=False)
+    # a head that does not fit the target names the way to run without one
+    args = _args(tmp_path, standin_binary, _write_gguf(tmp_path / "h.gguf", 64, 49152, 10), free_port(3),
+                 target_gguf=str(base))
+    with pytest.raises(BenchError, match=r"hidden size 576.*\(--num_steps 0 runs the baseline and the n-gram"):
+        bench.run_benchmark(args, progress=False)

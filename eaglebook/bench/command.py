@@ -35,7 +35,8 @@ class BenchArgs:
     draft: str = field(default="", metadata={"help": "draft head: path/name (SGLang: an exported EAGLE-3 folder)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | auto"})
     max_new_tokens: int = field(default=256, metadata={"help": "generation limit per request"})
-    num_steps: int = field(default=5, metadata={"help": "draft depth"})
+    num_steps: int = field(default=5, metadata={"help": "draft depth (llamacpp: the EAGLE-3 chain's --spec-draft-n-max; "
+                                                         "0 = no EAGLE lane, the baseline and n-gram lanes alone)"})
     topk: int = field(default=4, metadata={"help": "branching per expanded node (1 = chain)"})
     num_draft_tokens: int = field(default=8, metadata={"help": "nodes verified, root included"})
     sweep: str = field(default="", metadata={"help": "draft settings to sweep, 'steps,topk,tokens' separated by spaces"})
@@ -194,7 +195,12 @@ def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = Tru
     again from the start.
     """
     backend = pick_backend(args.backend, args.draft)
-    settings = parse_settings(args)
+    if backend == "llamacpp":
+        from .llamacpp import no_eagle_lane
+
+        settings = [] if no_eagle_lane(args) else parse_settings(args)
+    else:
+        settings = parse_settings(args)
     levels = parse_levels(args.concurrency)
     temps = parse_temperatures(args)
     if backend != "inprocess" and (temps != [0.0] or args.ngram):
@@ -216,7 +222,7 @@ def run_benchmark(args: BenchArgs, target=None, draft=None, progress: bool = Tru
         from .vllm_cpu import VLLMBackend
         vllm = VLLMBackend(args, settings)
     config = {**asdict(args), "backend": backend, "settings": [asdict(s) for s in settings],
-              "main_config": settings[0].label if backend != "openai" else "server",
+              "main_config": settings[0].label if backend != "openai" and settings else "server",
               "concurrency_levels": levels, "temperatures": temps, "prompts": len(prompts), **(vllm.config if vllm else {})}
     if args.prompts:
         config.update(prompts_file_record(args.prompts))

@@ -337,15 +337,47 @@ def parse_ints(text: str, what: str) -> list[int]:
         raise BenchError(f"{what} {text!r}: write whole numbers like '3 5'") from None
 
 
+def no_eagle_lane(args) -> bool:
+    """`--num_steps 0` (and no --sweep): the baseline and the n-gram lanes only, no head needed
+    (a target no trained head fits)."""
+    return args.num_steps == 0 and not str(args.sweep).strip()
+
+
 def draft_lengths(args, say: bool = False) -> list[int]:
     """llama.cpp's EAGLE-3 drafts a chain: one lane per setting (`--num_steps`, or each `--sweep`
     entry), its num_steps being `--spec-draft-n-max`; topk and num_draft_tokens do not apply."""
     from .command import parse_settings
 
+    if no_eagle_lane(args):
+        return []
     settings = parse_settings(args)
     if say and any(s.topk != 1 for s in settings) and args.sweep:
         print("llama.cpp's EAGLE-3 drafts a chain: each setting's num_steps is its --spec-draft-n-max")
     return list(dict.fromkeys(s.num_steps for s in settings))
+
+
+# A GGUF without a chat template (a base model): each message's text as is, then a blank line.
+PLAIN_TEMPLATE = "{% for m in messages %}{{ m['content'] + '\\n\\n' }}{% endfor %}"
+
+
+def gguf_tokenizer(path: str | os.PathLike):
+    """(tokenizer, plain): the tokenizer a GGUF file carries, as transformers reads it. A GGUF
+    without a chat template gets PLAIN_TEMPLATE (after the bos token where the GGUF asks for one,
+    `tokenizer.ggml.add_bos_token`), and plain is True."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    except Exception as exc:  # transformers raises many types for a file it cannot read
+        raise BenchError(f"could not read the tokenizer of {p} ({type(exc).__name__}: {str(exc)[:200]})") from None
+    plain = not tok.chat_template
+    if plain:
+        f = gguf.GGUFReader(p).fields.get("tokenizer.ggml.add_bos_token")
+        bos = f is not None and bool(f.contents()) and tok.bos_token is not None
+        tok.chat_template = ("{{ bos_token }}" if bos else "") + PLAIN_TEMPLATE
+    return tok, plain
 
 
 def llamacpp_setup(args) -> tuple[LlamaCppConfig, list[LlamaCppLane]]:
@@ -360,7 +392,10 @@ def llamacpp_setup(args) -> tuple[LlamaCppConfig, list[LlamaCppLane]]:
     draft = None
     if n_max:
         draft = draft_gguf(args.draft, args.target, args.gguf_outtype)
-        check_gguf_pair(draft, model)
+        try:
+            check_gguf_pair(draft, model)
+        except BenchError as exc:
+            raise BenchError(f"{exc} (--num_steps 0 runs the baseline and the n-gram lanes alone)") from None
     cfg = LlamaCppConfig(model=str(model), draft=str(draft) if draft else None, server=str(binary), port=args.port,
                          threads=args.threads, ctx_size=args.context_length or 4096,
                          parallel=max(parse_levels(args.concurrency)), extra_args=shlex.split(args.llamacpp_args))
@@ -378,7 +413,20 @@ async def bench_llamacpp(args, levels, prompts, rec, log_dir, progress) -> None:
     from .protocol import Lane
 
     cfg, lanes = llamacpp_setup(args)
-    tok = AutoTokenizer.from_pretrained(resolve_target(args.target))
+    if args.target_gguf:  # the target GGUF's own tokenizer: any GGUF target, not only an embedded one
+        tok, plain = gguf_tokenizer(cfg.model)
+        if plain and args.turns > 1:
+            raise BenchError(f"{Path(cfg.model).name} has no chat template (a base model): its prompts are sent as "
+                             "plain text, first turns only (--turns 1)")
+        how = ("it has no chat template (a base model): each prompt's text is sent plainly"
+               + (f", after {tok.bos_token}" if tok.chat_template.startswith("{{ bos_token }}") else "")
+               + ", then a blank line") if plain else "its own chat template"
+        print(f"llama.cpp target {Path(cfg.model).name}: prompts tokenized by the GGUF's own tokenizer; {how}",
+              flush=True)
+        rec.server_info["tokenizer"] = {"source": str(cfg.model), "chat_template": not plain,
+                                        "rendering": "plain text" if plain else "chat template"}
+    else:
+        tok = AutoTokenizer.from_pretrained(resolve_target(args.target))
     ports = [cfg.port + i for i in range(len(lanes))]
     busy = [p for p in ports if port_in_use(cfg.host, p)]
     if busy:
@@ -400,3 +448,109 @@ async def bench_llamacpp(args, levels, prompts, rec, log_dir, progress) -> None:
                 rec.server_info[lane.name] = {**await c.server_info(), "command": srv.cmd}
                 bench_lanes.append(Lane(lane.mode, c, lane.config))
             await _drive(bench_lanes, levels, prompts, tok, rec, args, progress)
+
+
+# --------------------------------------------------------------------------------------
+# llama.cpp's cost model, fitted on a run's own per-request timings
+# --------------------------------------------------------------------------------------
+
+def _decode_passes(t: dict) -> int:
+    """Target decode passes inside `predicted_ms`: llama-server's first token comes from the
+    prompt's last batch (timed in `prompt_ms`), every later pass yields one token plus the draft
+    tokens it accepted, so passes = predicted_n - 1 - draft_n_accepted."""
+    return int(t["predicted_n"]) - 1 - int(t.get("draft_n_accepted", 0))
+
+
+def _least_squares(xs: list[float], ys: list[float]) -> dict:
+    """y = a + b x by ordinary least squares, with r2 and b's standard error; a and b are None
+    where x does not vary."""
+    import numpy as np
+
+    x, y = np.asarray(xs, float), np.asarray(ys, float)
+    out = {"requests": len(x), "drafted_per_pass_range": [round(float(x.min()), 2), round(float(x.max()), 2)]
+           if len(x) else None, "a_ms": None, "b_ms": None, "b_se_ms": None, "r2": None}
+    if len(x) < 3 or float(np.ptp(x)) < 0.5:  # a slope needs drafts of different lengths
+        return out
+    b, a = np.polyfit(x, y, 1)
+    resid = y - (a + b * x)
+    ss = float(((y - y.mean()) ** 2).sum())
+    sxx = float(((x - x.mean()) ** 2).sum())
+    out.update(a_ms=float(a), b_ms=float(b), b_se_ms=float(np.sqrt((resid ** 2).sum() / (len(x) - 2) / sxx)),
+               r2=1.0 - float((resid ** 2).sum()) / ss if ss > 0 else None)
+    return out
+
+
+def llamacpp_cost_model(result: dict) -> dict:
+    """llama.cpp's cost per target pass, from a `bench --backend llamacpp` result's own timings.
+
+    The greedy step `t_step_ms` is the baseline lane's predicted_ms over its decode passes. Each
+    speculative request gives one point: its ms per pass against the tokens it drafted per pass
+    (draft_n / passes, the passes that drafted nothing included). A straight line through them,
+    ms_per_pass = a + b * drafted_per_pass, is fitted separately for the EAGLE-3 lanes, where b
+    is the draft model's cost per drafted token plus the target's cost to verify one more token,
+    and for the n-gram lanes, where drafting is a table look-up and b is the verify cost alone;
+    so t_draft = b_eagle - b_ngram. A chain of n tokens beats greedy where its accept length
+    exceeds (a + b n) / t_step (`break_even`). Only concurrency-1 requests count; a family whose
+    requests all draft about as many tokens per pass (one EAGLE lane) gets no slope (None). EAGLE
+    lanes with a --spec-draft-p-min above 0 are left out (`skipped`): they run the head for tokens
+    they then do not draft, so their cost does not follow the drafted count.
+    """
+    rows = [r for r in result.get("requests", []) if r.get("timing") and r.get("concurrency", 1) == 1
+            and "predicted_ms" in r["timing"] and _decode_passes(r["timing"]) > 0]
+    base = [r["timing"] for r in rows if r["mode"] == "baseline"]
+    if not base:
+        raise BenchError("the cost model needs the baseline lane's llama-server timings: this result has none "
+                         "(a `bench --backend llamacpp` result at concurrency 1)")
+    t_step = sum(t["predicted_ms"] for t in base) / sum(_decode_passes(t) for t in base)
+    out = {"t_step_ms": t_step, "baseline_requests": len(base)}
+    skipped = sorted({r["config"] for r in rows if r["mode"] == "eagle" and "-p" in r["config"]})
+    rows = [r for r in rows if r["config"] not in skipped or r["mode"] != "eagle"]
+    out["skipped"] = skipped
+    for family, mode in (("eagle", "eagle"), ("ngram", "prompt_lookup")):
+        pts = [r["timing"] for r in rows if r["mode"] == mode]
+        fit = _least_squares([t.get("draft_n", 0) / _decode_passes(t) for t in pts],
+                             [t["predicted_ms"] / _decode_passes(t) for t in pts])
+        fit["lanes"] = sorted({r["config"] for r in rows if r["mode"] == mode})
+        if fit["a_ms"] is not None:
+            fit.update(a_steps=fit["a_ms"] / t_step, b_steps=fit["b_ms"] / t_step)
+        out[family] = fit
+    e, g = out["eagle"], out["ngram"]
+    out["t_draft_ms"] = e["b_ms"] - g["b_ms"] if e["b_ms"] is not None and g["b_ms"] is not None else None
+    return out
+
+
+def break_even(model: dict, n: int, family: str = "eagle") -> float | None:
+    """The accept length (tokens per target pass) a chain of `n` drafted tokens needs to beat
+    greedy: one pass costs a + b n, greedy makes a token per t_step."""
+    fit = model[family]
+    if fit["a_ms"] is None:
+        return None
+    return (fit["a_ms"] + fit["b_ms"] * n) / model["t_step_ms"]
+
+
+def format_cost_model(model: dict) -> list[str]:
+    """The cost model in a few lines: the greedy step, each family's a + b * drafted (ms and greedy
+    steps), the head's cost per drafted token, and the break-even accept lengths."""
+    step = model["t_step_ms"]
+    lines = [f"  llama.cpp cost per target pass (fitted on this run's timings): greedy step {step:.2f} ms"]
+    if model["skipped"]:
+        lines.append(f"    left out: {', '.join(model['skipped'])} (p-min > 0 runs the head for tokens it does not draft)")
+    for family, name in (("eagle", "EAGLE-3"), ("ngram", "n-gram")):
+        f = model[family]
+        if not f["requests"]:
+            continue
+        if f["a_ms"] is None:
+            lines.append(f"    {name:<8} no fit: drafted tokens per pass {f['drafted_per_pass_range']} over "
+                         f"{f['requests']} requests (a slope needs drafts of different lengths)")
+            continue
+        lines.append(f"    {name:<8} {f['a_ms']:.2f} ms + {f['b_ms']:.3f} (+-{f['b_se_ms']:.3f}) ms x drafted = "
+                     f"{f['a_steps']:.3f} + "
+                     f"{f['b_steps']:.4f} x drafted greedy steps ({f['requests']} requests, drafted/pass "
+                     f"{f['drafted_per_pass_range']}, r2 {f['r2']:.3f})")
+    if model["t_draft_ms"] is not None:
+        lines.append(f"    the head drafts a token in {model['t_draft_ms']:.3f} ms ({model['t_draft_ms'] / step:.4f} steps)")
+    for family, name in (("eagle", "EAGLE-3"), ("ngram", "n-gram")):
+        if model[family]["a_ms"] is not None:
+            need = ", ".join(f"n{n} {break_even(model, n, family):.2f}" for n in (1, 2, 3, 5))
+            lines.append(f"    {name} chain of n pays above accept length {need}")
+    return lines

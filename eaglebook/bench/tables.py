@@ -253,6 +253,14 @@ def format_summary(result: dict) -> str:
         lines.append("  " + format_head_to_head(h))
     for r in result.get("temperatures") or []:
         lines.append(f"  T={r['temperature']:<4} {r['lane']:<25} speedup {r['speedup']}x, accept_length {r['accept_length']}")
+    if result["config"].get("backend") == "llamacpp":
+        from .core import BenchError
+        from .llamacpp import format_cost_model, llamacpp_cost_model
+
+        try:
+            lines += format_cost_model(llamacpp_cost_model(result))
+        except BenchError:  # no baseline timings (a run stopped early): nothing to fit
+            pass
     if not result.get("complete", True):
         lines.append(f"  INCOMPLETE: {result.get('error')}")
     return "\n".join(lines)
