@@ -160,7 +160,8 @@ def test_the_decoder_measures_lookup_acceptance_per_generation(smollm2):
     assert a.token_ids == b.token_ids and [s.tree.tokens for s in a.steps] == [s.tree.tokens for s in b.steps]
 
 
-@pytest.mark.parametrize("spec", [SpecConfig(num_steps=3, topk=4, num_draft_tokens=12, ngram_tokens=6, ngram_prior=0.99),
+@pytest.mark.parametrize("spec", [SpecConfig(num_steps=3, topk=4, num_draft_tokens=12, ngram_tokens=6, ngram_prior=0.99,
+                                                 ngram_min=1),
                                   SpecConfig(num_steps=3, topk=1, ngram_tokens=3, ngram_prior=0.99)],
                          ids=["tree3x4n12+ng6", "chain3+ng3"])
 def test_smollm2_merged_greedy_lossless(smollm2, spec):
@@ -208,7 +209,7 @@ def test_merged_sampling_reproduces_target_distribution():
         p3 = (p12.reshape(-1, 1) * processed_probs(l3, s)).sum(0)
         p2 = p12.sum(0)
     dec = EagleDecoder(target, draft, SpecConfig(num_steps=2, topk=2, num_draft_tokens=5, ngram_tokens=3,
-                                                 ngram_prior=0.99))  # a lookup trusted from the start
+                                                 ngram_prior=0.99, ngram_min=1))  # a lookup trusted from the start
     c2, c3 = torch.zeros(V), torch.zeros(V)
     from_ngram = 0
     for i in range(1200):
