@@ -47,10 +47,65 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return names[dtype]
 
 
+def busy_tasks(samples: int = 5, interval: float = 0.05) -> set[int]:
+    """Threads of other processes that were running or waiting for a core at each of `samples` looks,
+    `interval` seconds apart: a neighbour that keeps a core busy (a build, a browser, `yes > /dev/null`),
+    not one that passed by. Empty where there is no Linux /proc to read."""
+    import glob
+    import time
+
+    me = str(os.getpid())
+    seen = None
+    for i in range(samples):
+        running = set()
+        for stat in glob.glob("/proc/[0-9]*/task/[0-9]*/stat"):
+            if stat.split("/")[2] == me:
+                continue
+            try:
+                text = open(stat).read()
+            except OSError:  # the task ended while we looked
+                continue
+            if text[text.rindex(")") + 2:].startswith("R"):  # the state follows "(name) "
+                running.add(int(stat.split("/")[4]))
+        seen = running if seen is None else seen & running
+        if not seen:
+            break
+        if i + 1 < samples:
+            time.sleep(interval)
+    return seen or set()
+
+
+def free_cores() -> tuple[int, int]:
+    """(cores this process may use, those of them not kept busy by other processes)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores, max(1, cores - len(busy_tasks()))
+
+
+_DEFAULT_THREADS: int | None = None
+
+
 def set_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads once (default: EAGLEBOOK_THREADS or all cores)."""
+    """Set torch's intra-op threads (default: EAGLEBOOK_THREADS, or the cores no other process keeps busy).
+
+    On a CPU every torch op splits its work over the threads and waits for the slowest: a thread that
+    shares its core with a busy neighbour makes every op wait for it, so beside one busy process on
+    2 cores, 2 threads decode at a third of their quiet speed where 1 thread keeps all of its own.
+    The default is decided once per process, when it is first needed.
+    """
+    global _DEFAULT_THREADS
     if threads is None:
-        threads = int(os.environ.get("EAGLEBOOK_THREADS", "0")) or (os.cpu_count() or 1)
+        threads = int(os.environ.get("EAGLEBOOK_THREADS", "0"))
+    if not threads:
+        if _DEFAULT_THREADS is None:
+            cores, free = free_cores()
+            _DEFAULT_THREADS = free
+            if free < cores:
+                print(f"{cores - free} of {cores} CPU cores are busy with other processes: using {free} "
+                      f"torch thread{'s' * (free > 1)} (set EAGLEBOOK_THREADS to choose)")
+        threads = _DEFAULT_THREADS
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads

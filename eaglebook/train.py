@@ -24,6 +24,7 @@ not the dataset's text.
 from __future__ import annotations
 
 import csv
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,6 +266,11 @@ class DraftLoss(nn.Module):
         return self._head[0]
 
     def forward(self, input_ids, loss_mask, attention_mask, final_hidden, aux_hidden=None):
+        return self.run(input_ids, loss_mask, attention_mask, final_hidden, aux_hidden)
+
+    def run(self, input_ids, loss_mask, attention_mask, final_hidden, aux_hidden=None):
+        """The loss of one batch, as `forward`, but never through a wrapper patched onto `forward`
+        (under mixed precision accelerate patches bf16 autocast into the prepared module's forward)."""
         batch = {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask,
                  "final_hidden": final_hidden}
         if aux_hidden is not None:
@@ -400,8 +406,9 @@ class EagleTrainer(Trainer):
     """
 
     def __init__(self, *args, lm_head_weight: torch.Tensor, ttt_steps: int = 7, decay: float = 0.8,
-                 feature_noise: float | None = None, **kw):
-        kw.setdefault("data_collator", collate)
+                 feature_noise: float | None = None, max_length: int | None = None, **kw):
+        # `max_length`: sequences are cut to it in training and evaluation batches alike
+        kw.setdefault("data_collator", functools.partial(collate, max_length=max_length))
         args = list(args)
         model = kw.pop("model") if "model" in kw else (args.pop(0) if args else None)
         if model is None:
@@ -470,7 +477,12 @@ class EagleTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """Per-step accuracy, conditional accuracy, loss and tau_sim on held-out data: each rank
         evaluates its own share (`eval_shard_loader`) and the counts are summed over ranks, so the
-        metrics are those of one process evaluating the whole set."""
+        metrics are those of one process evaluating the whole set.
+
+        The head runs in its own dtype, without the training's mixed-precision autocast: the metrics
+        are those of the weights as saved, the same on a machine with native bfloat16 as on one
+        without, and equal to `ttt_forward` over the same batches (`collate` at the same max_length).
+        """
         loader = self.eval_shard_loader(eval_dataset)
         module = self._loss_module()
         was_training = module.training
@@ -478,8 +490,8 @@ class EagleTrainer(Trainer):
         stats = TTTStats(self.ttt_steps)
         for batch in loader:  # noqa: B007
             batch = self._prepare_inputs(batch)
-            with self.compute_loss_context_manager():
-                module(**{k: v for k, v in batch.items() if k != "seq_id"})
+            with torch.autocast(self.args.device.type, enabled=False):
+                module.run(**{k: v for k, v in batch.items() if k != "seq_id"})
             stats.add(module.last_stats)
         module.train(was_training)
         stats = _all_reduce_stats(stats)
@@ -718,7 +730,7 @@ def train_draft(draft: Eagle3Draft, lm_head_weight: torch.Tensor, train_dataset,
     """
     args, ttt_steps, max_length = training_arguments(output_dir, profile, **overrides)
     trainer = EagleTrainer(model=draft, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                           data_collator=lambda rows: collate(rows, max_length), lm_head_weight=lm_head_weight,
+                           max_length=max_length, lm_head_weight=lm_head_weight,
                            ttt_steps=ttt_steps, callbacks=[CSVLogger(Path(output_dir) / "log.csv"), *(callbacks or [])])
     ckpt = last_checkpoint(output_dir) if resume else None
     if ckpt:

@@ -291,3 +291,52 @@ def test_eagle1_feature_noise_scales_with_each_rows_own_length():
         assert 0.95 * bound < got <= bound * (1 + 1e-6), (len(rows), i, n, got, bound)
     draft.eval()
     assert largest_noise([short], 0)[0] == 0.0  # no noise in eval mode
+
+
+def _eval_by_hand(draft, rows, lm_head_weight, ttt_steps, batch_size, max_length=None):
+    """The held-out metrics written out: ttt_forward over the rows in order, `batch_size` at a time."""
+    stats = TTTStats(ttt_steps)
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            stats.add(ttt_forward(draft, collate(rows[i:i + batch_size], max_length), lm_head_weight, ttt_steps)[1])
+    return stats.metrics("eval_")
+
+
+def test_evaluation_is_the_heads_own_forward_even_after_bf16_training(tmp_path):
+    """The Trainer's evaluation counts what ttt_forward counts over the same batches, in the head's own
+    dtype: not under the training's bf16 autocast (which accelerate also patches into the trained
+    module's forward), so a hand-written loop over the held-out set reproduces it exactly, on any machine."""
+    from eaglebook.train import EagleTrainer, training_arguments
+
+    target = _target(seed=7, sharp=40.0)
+    rows = _dataset(target, n=12)
+    draft = _randomize(build_draft(target))
+    args, K, _ = training_arguments(str(tmp_path), "cpu", ttt_steps=3, max_steps=2, per_device_train_batch_size=4,
+                                    per_device_eval_batch_size=4, save_strategy="no", report_to=[], bf16=True)
+    trainer = EagleTrainer(model=draft, args=args, train_dataset=rows, eval_dataset=rows,
+                           lm_head_weight=target.lm_head.weight, ttt_steps=K)
+    trainer.train()
+    got = trainer.evaluate()
+    want = _eval_by_hand(draft, rows, target.lm_head.weight, K, batch_size=4)
+    for k in range(K):
+        assert got[f"eval_loss_{k}"] == pytest.approx(want[f"eval_loss_{k}"], rel=1e-9, abs=0)
+        assert got[f"eval_cond_acc_{k}"] == want[f"eval_cond_acc_{k}"]
+        assert got[f"eval_acc_{k}"] == want[f"eval_acc_{k}"]
+
+
+def test_evaluation_cuts_sequences_at_max_length_as_training_does(tmp_path):
+    """An EagleTrainer given max_length evaluates the first max_length tokens of each sequence, as its
+    training batches are cut (and as train_draft's evaluations are), not the whole stored sequence."""
+    from eaglebook.train import EagleTrainer, training_arguments
+
+    target = _target(seed=7, sharp=40.0)
+    rows = _dataset(target, n=8, T=24)
+    draft = _randomize(build_draft(target))
+    args, K, _ = training_arguments(str(tmp_path), "cpu", ttt_steps=3, per_device_eval_batch_size=4,
+                                    report_to=[], bf16=False)
+    got = EagleTrainer(model=draft, args=args, eval_dataset=rows, lm_head_weight=target.lm_head.weight,
+                       ttt_steps=K, max_length=16).evaluate()
+    cut = _eval_by_hand(draft, rows, target.lm_head.weight, K, batch_size=4, max_length=16)
+    whole = _eval_by_hand(draft, rows, target.lm_head.weight, K, batch_size=4)
+    assert got["eval_loss_0"] == pytest.approx(cut["eval_loss_0"], rel=1e-9, abs=0) != whole["eval_loss_0"]
+    assert [got[f"eval_cond_acc_{k}"] for k in range(K)] == [cut[f"eval_cond_acc_{k}"] for k in range(K)]
