@@ -105,7 +105,8 @@ def neutral_generation_config(max_new_tokens: int, eos: list[int], temperature: 
     which a hub target's `generation_config.json` fills with its own advice (Llama-3.1's:
     sampling at temperature 0.6, top-p 0.9); the fields whose neutral value is "unset"
     (min_p, bad_words_ids, ...) are kept out by `transformers_generate_fn`, which runs
-    `generate()` with a neutral `target.generation_config`.
+    `generate()` with a neutral `target.generation_config`. `min_new_tokens=0` overrides any
+    `min_length` (setting both makes transformers warn on every call).
     """
     from transformers import GenerationConfig
 
@@ -113,7 +114,7 @@ def neutral_generation_config(max_new_tokens: int, eos: list[int], temperature: 
     warpers = dict(temperature=temperature, top_k=0, top_p=top_p, typical_p=1.0, epsilon_cutoff=0.0,
                    eta_cutoff=0.0) if temperature > 0 else {}
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=0, min_length=0, eos_token_id=list(eos), pad_token_id=eos[0],
+        max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=list(eos), pad_token_id=eos[0],
         do_sample=temperature > 0, num_beams=1, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
         no_repeat_ngram_size=0, renormalize_logits=False, prompt_lookup_num_tokens=prompt_lookup,
         max_matching_ngram_size=ngram_max if prompt_lookup else None, **warpers)
