@@ -12,6 +12,7 @@ import importlib.util
 import json
 import socket
 import stat
+import time
 import sys
 from pathlib import Path
 
@@ -262,6 +263,29 @@ def _args(tmp_path, binary, head, port, **kw) -> BenchArgs:
                 request_timeout=30.0, num_steps=3)
     base.update(kw)
     return BenchArgs(**base)
+
+
+def test_llamacpp_threads_default_to_the_cores_no_neighbour_keeps_busy(tmp_path, standin_binary, head_gguf):
+    """--threads 0 gives every llama-server eaglebook's default thread count (the free cores, as torch
+    gets), not llama.cpp's own (all physical cores, whose spinning threads stall beside a busy process)."""
+    import subprocess
+
+    from eaglebook import device
+
+    yes = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        cores, free = device.free_cores()
+        device._DEFAULT_THREADS = None  # decided afresh, beside the neighbour
+        cfg, lanes = L.llamacpp_setup(_args(tmp_path, standin_binary, head_gguf, 8080, threads=0))
+    finally:
+        yes.kill()
+        device._DEFAULT_THREADS = None
+    assert cfg.threads == free and (cores == 1 or free < cores)
+    cmd = L.llamacpp_command(cfg, lanes[0])
+    assert cmd[cmd.index("--threads") + 1] == str(free)
+    cfg2, _ = L.llamacpp_setup(_args(tmp_path, standin_binary, head_gguf, 8080, threads=3))
+    assert cfg2.threads == 3
 
 
 def test_llamacpp_backend_interleaves_all_lanes_with_the_standin(tmp_path, standin_binary, head_gguf):

@@ -382,6 +382,7 @@ def gguf_tokenizer(path: str | os.PathLike):
 
 def llamacpp_setup(args) -> tuple[LlamaCppConfig, list[LlamaCppLane]]:
     """The shared config and the lanes from `eaglebook bench` arguments (nothing started yet)."""
+    from ..device import set_threads
     from .command import parse_levels
 
     binary = llama_server_binary(args.llama_server)
@@ -396,8 +397,10 @@ def llamacpp_setup(args) -> tuple[LlamaCppConfig, list[LlamaCppLane]]:
             check_gguf_pair(draft, model)
         except BenchError as exc:
             raise BenchError(f"{exc} (--num_steps 0 runs the baseline and the n-gram lanes alone)") from None
+    # --threads 0: eaglebook's own default, the cores no other process keeps busy (llama.cpp's threads
+    # spin-wait for each other, so one that shares its core with a busy neighbour holds up every op)
     cfg = LlamaCppConfig(model=str(model), draft=str(draft) if draft else None, server=str(binary), port=args.port,
-                         threads=args.threads, ctx_size=args.context_length or 4096,
+                         threads=args.threads or set_threads(), ctx_size=args.context_length or 4096,
                          parallel=max(parse_levels(args.concurrency)), extra_args=shlex.split(args.llamacpp_args))
     return cfg, lanes
 
