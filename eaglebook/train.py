@@ -823,6 +823,10 @@ def _train_cli(a: TrainArgs) -> int:
         path = export.save_draft(draft, Path(a.output_dir) / "draft",
                                  export.head_provenance(model, tok, vocab_source=a.vocab_map or a.features))
         print(f"head saved to {path}")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # what the Trainer's launch opened: closed before the process exits
     return 0
 
 

@@ -449,6 +449,8 @@ def test_llamacpp_backend_on_another_target_gguf_runs_the_ngram_lanes_with_its_t
     assert [r["lane"] for r in res["lanes"]] == ["baseline", "prompt_lookup ngram-simple", "prompt_lookup ngram-mod"]
     assert res["complete"] and res["config"]["settings"] == [] and res["server_info"]["tokenizer"]["chat_template"]
     assert "prompts tokenized by the GGUF's own tokenizer; its own chat template" in capsys.readouterr().out
+    text = bench.format_summary(res)  # no EAGLE lane: no EAGLE line, and the n-gram lanes' table
+    assert "EAGLE " not in text and "None" not in text and "prompt_lookup ngram-mod" in text
     # the GGUF's tokenizer renders every prompt to the very ids the embedded target's tokenizer does
     ref = AutoTokenizer.from_pretrained(resolve_target("smollm2-135m"))
     want = {p.id: len(bench.render_ids(ref, p.messages(0))) for p in bench.load_suite("mt-bench", 4)}

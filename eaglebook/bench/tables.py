@@ -237,9 +237,10 @@ def format_summary(result: dict) -> str:
     acc = e.get("accept_length")
     lines = [f"{result['config'].get('backend')} · {suite_name(result['config'])} · {s.get('paired_requests')} paired "
              f"requests · {s.get('config') or 'server'}",
-             f"  baseline   {b.get('tok_s')} tok/s",
-             f"  EAGLE      {e.get('tok_s')} tok/s   accept_length {acc if acc is not None else 'unavailable'}",
-             f"  speedup    {s.get('speedup')}x"]
+             f"  baseline   {b.get('tok_s')} tok/s"]
+    if e.get("tok_s") is not None:  # a run of the n-gram lanes alone (llama.cpp's --num_steps 0) has no EAGLE lane
+        lines += [f"  EAGLE      {e['tok_s']} tok/s   accept_length {acc if acc is not None else 'unavailable'}",
+                  f"  speedup    {s.get('speedup')}x"]
     for row in result.get("settings") or []:
         lines.append(f"  {row['config']:>12}: accept_length {row['accept_length']}, {row['eagle_tok_s']} tok/s, "
                      f"speedup {row['speedup']}x")
