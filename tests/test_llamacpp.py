@@ -12,8 +12,9 @@ import importlib.util
 import json
 import socket
 import stat
-import time
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -268,8 +269,6 @@ def _args(tmp_path, binary, head, port, **kw) -> BenchArgs:
 def test_llamacpp_threads_default_to_the_cores_no_neighbour_keeps_busy(tmp_path, standin_binary, head_gguf):
     """--threads 0 gives every llama-server eaglebook's default thread count (the free cores, as torch
     gets), not llama.cpp's own (all physical cores, whose spinning threads stall beside a busy process)."""
-    import subprocess
-
     from eaglebook import device
 
     yes = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL)
